@@ -1,0 +1,1 @@
+"""Local HTTP endpoint: the Open Inference Protocol (KServe v2) with Triton extensions."""

@@ -1,0 +1,218 @@
+"""The composition root: builds every component, owns start-up and shutdown order.
+
+Start-up: state dir -> device facts and profile -> runtimes and model manager -> configured
+models (each loaded, warmed up and checked; a failure is recorded, never fatal) -> HTTP.
+Shutdown runs the same steps in reverse: stop accepting requests, let those in flight finish
+within the grace period, unload models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from edgeagent import __version__
+from edgeagent.config import AgentConfig, ModelSection, is_loopback_listen
+from edgeagent.demo import DEMO_NAME, ensure_demo_model
+from edgeagent.device.facts import DeviceFacts, collect_facts
+from edgeagent.device.plan import ProviderPlan, plan_providers
+from edgeagent.device.profiles import ProfileMatch, load_profiles, select_profile
+from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.runtime.manager import ModelManager
+from edgeagent.runtime.registry import BackendRegistry
+from edgeagent.runtime.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+def device_id(config: AgentConfig, root: Path) -> str:
+    """The configured device id, else the machine id, else the host name."""
+    if config.agent.device_id:
+        return config.agent.device_id
+    try:
+        machine_id = (root / "etc/machine-id").read_text().strip()
+    except OSError:
+        machine_id = ""
+    return machine_id or socket.gethostname()
+
+
+def read_token(config: AgentConfig) -> str | None:
+    """The API token from ``http.token_file``; refuse to serve beyond loopback without one."""
+    token = None
+    if config.http.token_file:
+        try:
+            token = Path(config.http.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file: {exc.strerror}", "http.token_file") from exc
+        if len(token) < 16:
+            raise ConfigError("the token must be at least 16 characters", "http.token_file")
+    if token is None and not is_loopback_listen(config.http.listen):
+        raise ConfigError(
+            f"{config.http.listen} is reachable from other hosts; set http.token_file "
+            "(a file holding a bearer token) or listen on 127.0.0.1",
+            "http.listen",
+        )
+    return token
+
+
+@dataclass
+class Services:
+    """What the HTTP API (and later the MQTT side) is given: no component builds its siblings."""
+
+    config: AgentConfig
+    manager: ModelManager
+    repository: ModelRepository
+    token: str | None
+    status: Callable[[], dict[str, Any]]
+    draining: Callable[[], bool] = field(default=lambda: False)
+
+
+class Agent:
+    """One running agent: start(), then stop() (in reverse order of start)."""
+
+    def __init__(self, config: AgentConfig, env: Mapping[str, str] | None = None,
+                 root: Path = Path("/")) -> None:
+        self.config = config
+        self.env = dict(env or {})
+        self.root = root
+        self.state_dir = config.state_path(self.env).resolve()
+        self.started_at = time.time()
+        self.facts: DeviceFacts | None = None
+        self.profile: ProfileMatch | None = None
+        self.registry = BackendRegistry()
+        self.manager = ModelManager(self.registry, self._plan,
+                                    infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
+        base = Path(config.source).parent if config.source.endswith(".toml") else Path.cwd()
+        self.repository = ModelRepository(self.manager, base)
+        self.token = read_token(config)
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self.device_id = device_id(config, root)
+        self.services = Services(config, self.manager, self.repository, self.token,
+                                 self.status, lambda: self._draining)
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def _plan(self, fmt: str, precision: str, sha256: str) -> ProviderPlan:
+        assert self.facts is not None and self.profile is not None, "planned before start()"
+        return plan_providers(self.profile.profile, self.facts, fmt, precision,
+                              cache_dir=self.state_dir / "trt-cache", model_hash=sha256)
+
+    def _models(self) -> tuple[ModelSection, ...]:
+        if self.config.models or self.config.source != "embedded defaults":
+            return self.config.models
+        # Embedded defaults: serve the demo model so a first run answers a first curl.
+        demo = ensure_demo_model(self.state_dir / "demo")
+        return (ModelSection(name=DEMO_NAME, path=str(demo)),)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every part in order; models that fail to load are reported, not fatal."""
+        loop = asyncio.get_running_loop()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log.info("edgeagent %s starting, state in %s, config from %s",
+                 __version__, self.state_dir, self.config.source)
+        self.facts = await loop.run_in_executor(None, collect_facts, self.root)
+        extra = Path(self.config.agent.profiles_dir) if self.config.agent.profiles_dir else None
+        profiles = load_profiles(extra)
+        forced = None if self.config.agent.profile == "auto" else self.config.agent.profile
+        self.profile = select_profile(profiles, self.facts, forced)
+        log.info("device profile %s: %s", self.profile.profile.name, self.profile.reason)
+        self.repository.configure(self._models())
+        await self.load_models()
+        await self._start_http()
+        log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
+                 self.config.http.listen)
+
+    async def load_models(self) -> None:
+        for name in self.repository.names():
+            try:
+                await self.repository.load(name)
+            except EdgeAgentError as exc:
+                log.error("model %s is not serving: %s", name, exc)
+
+    async def _start_http(self) -> None:
+        from edgeagent.api.app import build_app
+
+        listen = self.config.http.listen
+        kwargs: dict[str, Any] = {}
+        if listen.startswith("unix:"):
+            path = Path(listen[5:])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                path.unlink()  # a socket left by a previous run that was killed
+            kwargs["uds"] = str(path)
+        else:
+            host, _, port = listen.rpartition(":")
+            kwargs.update(host=host.strip("[]"), port=int(port))
+        config = uvicorn.Config(
+            build_app(self.services),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            h11_max_incomplete_event_size=self.config.http.max_header_bytes,
+            timeout_graceful_shutdown=self.config.agent.shutdown_grace_s,
+            **kwargs,
+        )
+        self._server = uvicorn.Server(config)
+        await self._server.startup()
+        if self._server.should_exit:  # startup() flags failures (port in use) this way
+            raise EdgeAgentError(f"cannot listen on {listen} (in use, or not permitted)")
+        if "uds" in kwargs:
+            os.chmod(kwargs["uds"], 0o660)
+        self._server_task = asyncio.create_task(self._server.main_loop(), name="http-main-loop")
+
+    async def stop(self) -> None:
+        """Stop in reverse order: HTTP (draining requests in flight), then models."""
+        self._draining = True
+        grace = self.config.agent.shutdown_grace_s
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_task is not None:
+                await self._server_task
+            await self._server.shutdown()
+            self._server = None
+        await self.manager.close(grace)
+        log.info("stopped")
+
+    # ---- reporting ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /v1/agent/status`` and ``edgeagent status`` show."""
+        profile = None
+        if self.profile is not None:
+            profile = {"name": self.profile.profile.name, "reason": self.profile.reason}
+        return {
+            "version": __version__,
+            "device_id": self.device_id,
+            "state_dir": str(self.state_dir),
+            "config": self.config.source,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "profile": profile,
+            "http": {"listen": self.config.http.listen, "token": self.token is not None},
+            "backends": self.registry.status(),
+            "models": self.manager.status(),
+            "hub": {"configured": bool(self.config.hub.url)},
+            "mqtt": {"configured": bool(self.config.mqtt.url)},
+        }
+
+
+async def run_agent(agent: Agent, stop: asyncio.Event) -> None:
+    """Start the agent, wait for ``stop``, stop the agent."""
+    try:
+        await agent.start()
+        await stop.wait()
+    finally:
+        await agent.stop()

@@ -1,0 +1,169 @@
+"""The ``edgeagent`` command line.
+
+Exit status: 0 on success, 2 on bad usage or bad configuration, 1 on any other failure. Errors
+print one line naming the cause and what to do, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeagent import __version__
+from edgeagent.config import AgentConfig, load_config
+from edgeagent.errors import EdgeAgentError
+
+log = logging.getLogger("edgeagent")
+
+
+def _load(args: argparse.Namespace) -> AgentConfig:
+    return load_config(args.config, os.environ)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgeagent.app import Agent, run_agent
+
+    config = _load(args)
+    logging.basicConfig(
+        level=(args.log_level or config.agent.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    agent = Agent(config, os.environ)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_agent(agent, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{config.source}: OK ({len(config.models)} model(s))")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from edgeagent.device.probe import format_probe_text, probe_report
+
+    forced = None
+    state_dir = Path("edgeagent-data")
+    if args.config or os.environ.get("EDGEAGENT_CONFIG") or Path("/etc/edgeagent/agent.toml").exists():
+        config = _load(args)
+        forced = None if config.agent.profile == "auto" else config.agent.profile
+        state_dir = config.state_path(os.environ)
+    if args.profile:
+        forced = args.profile
+    report = probe_report(Path(args.root), forced, state_dir)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_probe_text(report))
+    return 0
+
+
+def _api_get(config: AgentConfig, path: str) -> Any:
+    import httpx
+
+    listen = config.http.listen
+    headers = {}
+    if config.http.token_file:
+        headers["Authorization"] = f"Bearer {Path(config.http.token_file).read_text().strip()}"
+    if listen.startswith("unix:"):
+        transport = httpx.HTTPTransport(uds=listen[5:])
+        base = "http://edgeagent"
+    else:
+        transport = httpx.HTTPTransport()
+        host, _, port = listen.rpartition(":")
+        if host in ("0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        base = f"http://{host}:{port}"
+    try:
+        with httpx.Client(transport=transport, base_url=base, timeout=10) as client:
+            response = client.get(path, headers=headers)
+    except httpx.HTTPError as exc:
+        raise EdgeAgentError(
+            f"cannot reach the agent at {listen} ({exc}); is it running? (systemctl status edgeagent)"
+        ) from exc
+    if response.status_code != 200:
+        raise EdgeAgentError(f"the agent answered {response.status_code}: {response.text.strip()}")
+    return response.json()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _api_get(_load(args), "/v1/agent/status")
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    prof = status.get("profile") or {}
+    print(f"edgeagent {status['version']}  device {status['device_id']}  up {status['uptime_s']:.0f} s")
+    print(f"profile   {prof.get('name')}  ({prof.get('reason')})")
+    print(f"http      {status['http']['listen']}")
+    for key in ("hub", "mqtt"):
+        print(f"{key:<9} {json.dumps(status.get(key))}")
+    print("models:")
+    for m in status["models"]:
+        line = f"  {m['name']:<20} {m['state']:<9}"
+        if "version" in m:
+            line += f" v{m['version']} {m['format']}/{m['precision']} on {m['provider']}"
+        if m.get("fallback"):
+            line += f" (fell back: {m['fallback']})"
+        if m.get("last_error"):
+            line += f"  error: {m['last_error']}"
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeagent", description="Edge inference runtime and device agent.")
+    parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=fn)
+        p.add_argument("--config", help="configuration file (default /etc/edgeagent/agent.toml, "
+                                        "or $EDGEAGENT_CONFIG)")
+        return p
+
+    p = add("run", cmd_run, "run the agent in the foreground (what systemd runs)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add("check-config", cmd_check_config, "validate a configuration file")
+    p = add("probe", cmd_probe, "show device facts, the chosen profile and the provider plans")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--root", default="/", help="read device facts under this directory")
+    p.add_argument("--profile", help="force a device profile by name")
+    p = add("status", cmd_status, "ask the running agent for its state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgeagent`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except EdgeAgentError as exc:
+        print(f"edgeagent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model hub client: TUF-verified fetching and the content-addressed model store."""

@@ -1,0 +1,1 @@
+"""Inference runtimes behind one backend interface, and the model manager."""

@@ -1,0 +1,394 @@
+"""The model manager: load, warm up, check, swap and unload models; one place for readiness.
+
+A new version is loaded, warmed up and checked while the old one keeps serving; the swap is a
+single reference change; the old version is closed only once the requests that hold a lease on
+it have finished. All blocking work (hashing, session creation, inference) runs in executors so
+the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeagent.device.plan import ProviderPlan
+from edgeagent.errors import EdgeAgentError, ModelError, ModelNotFound, ModelNotReady
+from edgeagent.runtime.base import LoadedModel
+from edgeagent.runtime.inspect import PRECISIONS, onnx_precision, sha256_file
+from edgeagent.runtime.registry import BackendRegistry, model_format
+
+log = logging.getLogger(__name__)
+
+#: (format, precision, model sha256) -> provider plan. Built by the composition root from the
+#: device profile and facts, so the manager knows nothing of profiles.
+Planner = Callable[[str, str, str], ProviderPlan]
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """A sample input and the output a model must give for it (bundle checks, DESIGN 3.4)."""
+
+    inputs: Mapping[str, np.ndarray]
+    expected: Mapping[str, np.ndarray]
+    atol: float = 1e-3
+    rtol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: a file, and what is known about it beforehand."""
+
+    path: Path
+    version: int = 1
+    precision: str = "auto"
+    """``auto`` = inspect the file; the hub passes the bundle's declared precision."""
+    origin: str = "path"
+    """``path`` (a configured local file) or ``hub``."""
+    variant: str = ""
+    """The bundle variant chosen, for reporting (hub models)."""
+    checks: tuple[ModelCheck, ...] = ()
+    sha256: str = ""
+    """Known content hash (the store's); computed when empty."""
+
+
+class ModelVersion:
+    """One loaded version of a model, with the leases of the requests using it."""
+
+    def __init__(self, name: str, source: ModelSource, fmt: str, precision: str,
+                 precision_reason: str, sha256: str, plan: ProviderPlan,
+                 model: LoadedModel) -> None:
+        self.name = name
+        self.version = source.version
+        self.source = source
+        self.format = fmt
+        self.precision = precision
+        self.precision_reason = precision_reason
+        self.sha256 = sha256
+        self.plan = plan
+        self.model = model
+        self.loaded_at = time.time()
+        self._leases = 0
+        self._retired = False
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._leases += 1
+            self._idle.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.set()
+                if self._retired:
+                    self.model.close()
+
+    def retire(self) -> None:
+        """Close now if idle, else when the last lease is released."""
+        with self._lock:
+            self._retired = True
+            if self._leases == 0:
+                self.model.close()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        return self._leases
+
+    def describe(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "version": self.version,
+            "origin": self.source.origin,
+            "path": str(self.source.path),
+            "variant": self.source.variant,
+            "format": self.format,
+            "platform": m.platform,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "sha256": self.sha256,
+            "provider": m.provider,
+            "fallback": m.fallback_reason,
+            "attempts": [a.to_dict() for a in m.attempts],
+            "plan": self.plan.to_dict(),
+            "inputs": [s.to_dict() for s in m.inputs],
+            "outputs": [s.to_dict() for s in m.outputs],
+            "loaded_at": self.loaded_at,
+        }
+
+
+@dataclass
+class ModelSlot:
+    """A model name the agent knows, whatever its state."""
+
+    name: str
+    state: str = "unloaded"
+    """``unloaded``, ``loading``, ``ready`` or ``failed`` (failed with nothing serving)."""
+    active: ModelVersion | None = None
+    last_error: str = ""
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _warmup_inputs(model: LoadedModel) -> dict[str, np.ndarray]:
+    from edgeagent.runtime.datatypes import numpy_dtype
+
+    out: dict[str, np.ndarray] = {}
+    for spec in model.inputs:
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        if spec.datatype == "BYTES":
+            out[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            out[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+    return out
+
+
+def run_checks(model: LoadedModel, checks: Sequence[ModelCheck]) -> None:
+    """Run a bundle's checks; raise ModelError naming the first output out of tolerance."""
+    for i, check in enumerate(checks):
+        got = model.run(model.validate(check.inputs), list(check.expected))
+        for name, want in check.expected.items():
+            have = got[name]
+            if have.shape != want.shape:
+                raise ModelError(
+                    f"check {i}: output {name!r} has shape {list(have.shape)}, expected {list(want.shape)}"
+                )
+            a, b = have.astype(np.float64), want.astype(np.float64)
+            if not np.allclose(a, b, atol=check.atol, rtol=check.rtol):
+                err = float(np.max(np.abs(a - b)))
+                raise ModelError(
+                    f"check {i}: output {name!r} is off by up to {err:.3g} "
+                    f"(tolerance atol={check.atol}, rtol={check.rtol})"
+                )
+
+
+class ModelManager:
+    """Owns every model slot; the only code that loads, swaps and unloads sessions."""
+
+    def __init__(self, registry: BackendRegistry, planner: Planner, *,
+                 infer_workers: int = 4, on_change: Callable[[str], None] | None = None) -> None:
+        self._registry = registry
+        self._planner = planner
+        self._slots: dict[str, ModelSlot] = {}
+        # Loading never competes with inference for the same workers.
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeagent-load")
+        self._infer_pool = ThreadPoolExecutor(infer_workers, thread_name_prefix="edgeagent-infer")
+        self._on_change = on_change
+        self._running: dict[int, float] = {}
+        self._running_lock = threading.Lock()
+        self._next_ticket = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def declare(self, name: str) -> ModelSlot:
+        """Make a model name known (configured but not loaded yet)."""
+        return self._slots.setdefault(name, ModelSlot(name))
+
+    async def load(self, name: str, source: ModelSource) -> ModelVersion:
+        """Load, warm up and check a version, then make it the active one.
+
+        The previous version keeps serving throughout and is closed once its in-flight requests
+        finish. On any failure the previous version stays active and the error is recorded.
+
+        Raises:
+            ModelError, BackendUnavailable: the new version could not be activated.
+        """
+        slot = self.declare(name)
+        loop = asyncio.get_running_loop()
+        async with slot.loading:
+            if slot.active is None:
+                slot.state = "loading"
+            log.info("loading model %s version %d from %s", name, source.version, source.path)
+            try:
+                new = await loop.run_in_executor(self._load_pool, self._prepare, name, source)
+            except EdgeAgentError as exc:
+                slot.last_error = str(exc)
+                slot.state = "ready" if slot.active else "failed"
+                log.error("model %s version %d not activated: %s", name, source.version, exc)
+                self._changed(name)
+                raise
+            old, slot.active = slot.active, new
+            slot.state, slot.last_error = "ready", ""
+            if old is not None:
+                old.retire()
+                log.info("model %s: version %d replaces %d (%d requests finishing on the old one)",
+                         name, new.version, old.version, old.in_flight)
+            log.info("model %s version %d ready on %s (%s, %s)%s", name, new.version,
+                     new.model.provider, new.format, new.precision,
+                     f"; fell back: {new.model.fallback_reason}" if new.model.fallback_reason else "")
+            self._changed(name)
+            return new
+
+    def _prepare(self, name: str, source: ModelSource) -> ModelVersion:
+        path = source.path
+        fmt = model_format(path)
+        sha = source.sha256 or sha256_file(path)
+        precision, why = source.precision, "declared"
+        if precision == "auto":
+            precision, why = onnx_precision(path) if fmt == "onnx" else ("fp32", "pending")
+        elif precision not in PRECISIONS:
+            raise ModelError(f"unknown precision {precision!r} (expected {', '.join(PRECISIONS)})")
+        plan = self._planner(fmt, precision, sha)
+        backend = self._registry.for_format(fmt)
+        model = backend.load(path, plan)
+        try:
+            if why == "pending":
+                precision, why = _tflite_precision(model)
+            model.run(model.validate(_warmup_inputs(model)))
+            run_checks(model, source.checks)
+        except EdgeAgentError as exc:
+            model.close()
+            raise ModelError(f"{name} version {source.version}: {exc}") from exc
+        return ModelVersion(name, source, fmt, precision, why, sha, plan, model)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; requests already running on it finish first."""
+        slot = self._slot(name)
+        async with slot.loading:
+            old, slot.active = slot.active, None
+            slot.state = "unloaded"
+            if old is not None:
+                old.retire()
+                log.info("model %s version %d unloaded", name, old.version)
+        self._changed(name)
+
+    def forget(self, name: str) -> None:
+        """Drop an unloaded model name entirely (removed from the config)."""
+        slot = self._slots.get(name)
+        if slot is not None and slot.active is None:
+            del self._slots[name]
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Unload everything, waiting up to ``grace_s`` for requests in flight."""
+        deadline = time.monotonic() + grace_s
+        versions = [s.active for s in self._slots.values() if s.active is not None]
+        for v in versions:
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.get_running_loop().run_in_executor(None, v.wait_idle, remaining)
+        for name in list(self._slots):
+            await self.unload(name)
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- serving ----------------------------------------------------------------------
+
+    def _slot(self, name: str) -> ModelSlot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}") from None
+
+    def get(self, name: str, version: int | None = None) -> ModelVersion:
+        """The active version of a model (or that exact version, if it is the active one).
+
+        Raises:
+            ModelNotFound: unknown model, or a version that is not loaded.
+            ModelNotReady: the model is known but nothing serves it.
+        """
+        slot = self._slot(name)
+        active = slot.active
+        if active is None:
+            why = f": {slot.last_error}" if slot.last_error else ""
+            raise ModelNotReady(f"model {name!r} is {slot.state}{why}")
+        if version is not None and version != active.version:
+            raise ModelNotFound(
+                f"model {name!r} version {version} is not loaded (version {active.version} is)"
+            )
+        return active
+
+    @contextlib.contextmanager
+    def lease(self, name: str, version: int | None = None) -> Iterator[ModelVersion]:
+        """Hold a version for the length of a request, so a swap cannot close it under us."""
+        mv = self.get(name, version)
+        mv.acquire()
+        try:
+            yield mv
+        finally:
+            mv.release()
+
+    async def infer(self, name: str, inputs: Mapping[str, np.ndarray],
+                    output_names: Sequence[str] | None = None,
+                    version: int | None = None) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+        """Validate and run one request on the active version, off the event loop."""
+        with self.lease(name, version) as mv:
+            arrays = mv.model.validate(inputs)
+            for out in output_names or ():
+                mv.model.output_spec(out)
+            outputs = await self.run_in_worker(mv.model.run, arrays, output_names)
+            return mv, outputs
+
+    async def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking inference work in the inference pool, tracked for the watchdog."""
+        with self._running_lock:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._running[ticket] = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._infer_pool, fn, *args)
+        finally:
+            with self._running_lock:
+                del self._running[ticket]
+
+    def oldest_running_s(self) -> float:
+        """Age of the longest-running inference (0 when idle): a stuck worker shows here."""
+        with self._running_lock:
+            if not self._running:
+                return 0.0
+            return time.monotonic() - min(self._running.values())
+
+    # ---- reporting --------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._slots)
+
+    def ready(self, name: str, version: int | None = None) -> bool:
+        try:
+            self.get(name, version)
+        except (ModelNotFound, ModelNotReady):
+            return False
+        return True
+
+    def all_ready(self) -> bool:
+        return all(s.active is not None for s in self._slots.values())
+
+    def slot(self, name: str) -> ModelSlot:
+        return self._slot(name)
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.names():
+            slot = self._slots[name]
+            entry: dict[str, Any] = {"name": name, "state": slot.state, "last_error": slot.last_error}
+            if slot.active is not None:
+                entry.update(slot.active.describe())
+                entry["in_flight"] = slot.active.in_flight
+            out.append(entry)
+        return out
+
+    def _changed(self, name: str) -> None:
+        if self._on_change is not None:
+            self._on_change(name)
+
+
+def _tflite_precision(model: LoadedModel) -> tuple[str, str]:
+    """Precision of a TFLite model from what its interpreter reports."""
+    hint = getattr(model, "weight_precision", None)
+    if isinstance(hint, str) and hint in PRECISIONS:
+        return hint, "from the interpreter's tensor types"
+    if any(s.quantization is not None for s in (*model.inputs, *model.outputs)):
+        return "int8", "quantised inputs/outputs"
+    return "fp32", "float inputs/outputs"

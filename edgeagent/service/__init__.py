@@ -1,0 +1,1 @@
+"""Running as a service: systemd notify, signals, logging, unit files."""

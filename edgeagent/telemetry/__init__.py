@@ -1,0 +1,1 @@
+"""Telemetry out: system and model figures, presence and reported state over MQTT."""

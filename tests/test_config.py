@@ -1,0 +1,122 @@
+"""Configuration: defaults, TOML files, environment overrides, and every kind of bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeagent.cli import main
+from edgeagent.config import is_loopback_listen, load_config, parse_config
+from edgeagent.errors import ConfigError
+
+
+def test_embedded_defaults_when_no_file(tmp_path: Path) -> None:
+    cfg = load_config(None, {"EDGEAGENT_CONFIG": ""})
+    # The default path may not exist on this machine; either way defaults are what DESIGN says.
+    assert cfg.http.listen == "127.0.0.1:8080"
+    assert cfg.agent.profile == "auto"
+    assert cfg.hub.url == "" and cfg.mqtt.url == ""
+    assert cfg.state_path({}) == Path("edgeagent-data")
+    assert cfg.state_path({"STATE_DIRECTORY": "/var/lib/edgeagent:/x"}) == Path("/var/lib/edgeagent")
+
+
+def test_file_and_env_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        '[agent]\ndevice_id = "box-1"\ntags = ["line-a", "cameras"]\n'
+        '[http]\nlisten = "127.0.0.1:9000"\n'
+        '[[models]]\nname = "m"\npath = "m.onnx"\nmax_batch_size = 8\n'
+    )
+    env = {"EDGEAGENT_HTTP__LISTEN": "unix:/run/edgeagent/api.sock",
+           "EDGEAGENT_AGENT__SHUTDOWN_GRACE_S": "3", "EDGEAGENT_AGENT__TAGS": '["x"]'}
+    cfg = load_config(str(f), env)
+    assert cfg.agent.device_id == "box-1"
+    assert cfg.agent.tags == ("x",)
+    assert cfg.agent.shutdown_grace_s == 3.0
+    assert cfg.http.listen == "unix:/run/edgeagent/api.sock"
+    assert cfg.models[0].max_batch_size == 8
+    assert cfg.source == str(f)
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "words"),
+    [
+        ({"http": {"listne": "x"}}, "http", "unknown key 'listne'"),
+        ({"bogus": {}}, "", "unknown section 'bogus'"),
+        ({"http": {"listen": 8080}}, "http.listen", "expected a string"),
+        ({"http": {"listen": "8080"}}, "http.listen", "HOST:PORT"),
+        ({"http": {"listen": "example.com:80"}}, "http.listen", "not an IP address"),
+        ({"http": {"max_request_bytes": 0}}, "http.max_request_bytes", "> 0"),
+        ({"agent": {"tags": "a"}}, "agent.tags", "expected a list"),
+        ({"agent": {"tags": ["a", 1]}}, "agent.tags[1]", "expected a string"),
+        ({"agent": {"log_level": "loud"}}, "agent.log_level", "one of"),
+        ({"hub": {"url": "ftp://x"}}, "hub.url", "http://"),
+        ({"hub": {"url": "http://h"}}, "hub.root", "root metadata"),
+        ({"mqtt": {"url": "tcp://x"}}, "mqtt.url", "mqtt://"),
+        ({"mqtt": {"protocol": "4"}}, "mqtt.protocol", "3.1.1"),
+        ({"mqtt": {"cert_file": "c.pem"}}, "mqtt.cert_file", "key_file"),
+        ({"mqtt": {"topic_prefix": "a/#"}}, "mqtt.topic_prefix", "wildcards"),
+        ({"models": {"name": "x"}}, "models", "array of tables"),
+        ({"models": [{"path": "a.onnx"}]}, "models[0].name", "missing required key"),
+        ({"models": [{"name": "a"}]}, "models[0]", "give version"),
+        ({"models": [{"name": "a", "path": "a.onnx", "version": 1}]}, "models[0]", "not both"),
+        ({"models": [{"name": "a", "path": "a.pt"}]}, "models[0].path", ".onnx or .tflite"),
+        ({"models": [{"name": "a", "version": "newest"}],
+          "hub": {"url": "http://h", "root": "r.json"}}, "models[0].version", "latest"),
+        ({"models": [{"name": "a", "version": 0}],
+          "hub": {"url": "http://h", "root": "r.json"}}, "models[0].version", "start at 1"),
+        ({"models": [{"name": "a", "version": 2}]}, "models[0].version", "[hub] url"),
+        ({"models": [{"name": "a b", "path": "a.onnx"}]}, "models[0].name", "letters"),
+        ({"models": [{"name": "a", "path": "a.onnx"}, {"name": "a", "path": "b.onnx"}]},
+         "models[1].name", "twice"),
+        ({"models": [{"name": "a", "path": "a.onnx", "max_batch_size": True}]},
+         "models[0].max_batch_size", "integer"),
+        ({"models": [{"name": "a", "path": "a.onnx", "extra": 1}]}, "models[0]", "unknown key"),
+    ],
+)
+def test_bad_values_name_their_key(doc: dict, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, {}, source="agent.toml")
+    assert info.value.key_path == key
+    assert words in str(info.value)
+    assert str(info.value).startswith("agent.toml: ")
+
+
+def test_bad_env_override_is_named() -> None:
+    with pytest.raises(ConfigError, match="EDGEAGENT_NOPE"):
+        parse_config({}, {"EDGEAGENT_NOPE": "1"})
+    with pytest.raises(ConfigError, match="http.max_request_bytes"):
+        parse_config({}, {"EDGEAGENT_HTTP__MAX_REQUEST_BYTES": "lots"})
+
+
+def test_missing_explicit_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "nope.toml"), {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[http\nlisten=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(bad), {})
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [("127.0.0.1:8080", True), ("localhost:1", True), ("[::1]:80", True),
+     ("unix:/run/x.sock", True), ("0.0.0.0:8080", False), ("192.0.2.5:80", False)],
+)
+def test_loopback_detection(listen: str, loopback: bool) -> None:
+    parse_config({"http": {"listen": listen}})
+    assert is_loopback_listen(listen) is loopback
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[[models]]\nname = "m"\npath = "/models/m.onnx"\n')
+    assert main(["check-config", "--config", str(good)]) == 0
+    assert "OK (1 model(s))" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[http]\nlisten = "nowhere"\n')
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeagent: error: ") and "http.listen" in err
+    assert "Traceback" not in err
