@@ -30,6 +30,7 @@ from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.repository import ModelRepository
+from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Services:
 
     config: AgentConfig
     manager: ModelManager
+    scheduler: InferenceScheduler
     repository: ModelRepository
     token: str | None
     status: Callable[[], dict[str, Any]]
@@ -92,13 +94,14 @@ class Agent:
         self.manager = ModelManager(self.registry, self._plan,
                                     infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
         base = Path(config.source).parent if config.source.endswith(".toml") else Path.cwd()
+        self.scheduler = InferenceScheduler(self.manager)
         self.repository = ModelRepository(self.manager, base)
         self.token = read_token(config)
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._draining = False
         self.device_id = device_id(config, root)
-        self.services = Services(config, self.manager, self.repository, self.token,
+        self.services = Services(config, self.manager, self.scheduler, self.repository, self.token,
                                  self.status, lambda: self._draining)
 
     # ---- wiring -------------------------------------------------------------------------
@@ -129,7 +132,9 @@ class Agent:
         forced = None if self.config.agent.profile == "auto" else self.config.agent.profile
         self.profile = select_profile(profiles, self.facts, forced)
         log.info("device profile %s: %s", self.profile.profile.name, self.profile.reason)
-        self.repository.configure(self._models())
+        models = self._models()
+        self.repository.configure(models)
+        self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
         await self.load_models()
         await self._start_http()
         log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
