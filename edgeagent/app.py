@@ -24,8 +24,8 @@ from edgeagent import __version__
 from edgeagent.config import AgentConfig, ModelSection, is_loopback_listen
 from edgeagent.demo import DEMO_NAME, ensure_demo_model
 from edgeagent.device.facts import DeviceFacts, collect_facts
-from edgeagent.device.plan import ProviderPlan, plan_providers
-from edgeagent.device.profiles import ProfileMatch, load_profiles, select_profile
+from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
+from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.registry import BackendRegistry
@@ -89,7 +89,7 @@ class Agent:
         self.state_dir = config.state_path(self.env).resolve()
         self.started_at = time.time()
         self.facts: DeviceFacts | None = None
-        self.profile: ProfileMatch | None = None
+        self.profile: ProfileSelection | None = None
         self.registry = BackendRegistry()
         self.manager = ModelManager(self.registry, self._plan,
                                     infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
@@ -109,7 +109,7 @@ class Agent:
     def _plan(self, fmt: str, precision: str, sha256: str) -> ProviderPlan:
         assert self.facts is not None and self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
-                              cache_dir=self.state_dir / "trt-cache", model_hash=sha256)
+                              cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
 
     def _models(self) -> tuple[ModelSection, ...]:
         if self.config.models or self.config.source != "embedded defaults":

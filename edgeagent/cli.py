@@ -58,15 +58,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from edgeagent.device.probe import format_probe_text, probe_report
 
-    forced = None
-    state_dir = Path("edgeagent-data")
-    if args.config or os.environ.get("EDGEAGENT_CONFIG") or Path("/etc/edgeagent/agent.toml").exists():
-        config = _load(args)
-        forced = None if config.agent.profile == "auto" else config.agent.profile
-        state_dir = config.state_path(os.environ)
-    if args.profile:
-        forced = args.profile
-    report = probe_report(Path(args.root), forced, state_dir)
+    config = _load(args)
+    forced = args.profile or (None if config.agent.profile == "auto" else config.agent.profile)
+    profiles_dir = Path(config.agent.profiles_dir) if config.agent.profiles_dir else None
+    report = probe_report(Path(args.root), forced, config.state_path(os.environ),
+                          profiles_dir=profiles_dir)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
