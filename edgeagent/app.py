@@ -167,14 +167,20 @@ class Agent:
             access_log=False,
             lifespan="off",
             server_header=False,
+            http="h11",  # the protocol whose header size limit (below) uvicorn applies
             h11_max_incomplete_event_size=self.config.http.max_header_bytes,
             timeout_graceful_shutdown=self.config.agent.shutdown_grace_s,
             **kwargs,
         )
-        self._server = uvicorn.Server(config)
-        await self._server.startup()
-        if self._server.should_exit:  # startup() flags failures (port in use) this way
-            raise EdgeAgentError(f"cannot listen on {listen} (in use, or not permitted)")
+        server = uvicorn.Server(config)
+        # What Server.serve() does before startup(), without taking over the signal handlers.
+        config.load()
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup()
+        except SystemExit as exc:  # uvicorn exits when it cannot bind (port in use)
+            raise EdgeAgentError(f"cannot listen on {listen} (in use, or not permitted)") from exc
+        self._server = server
         if "uds" in kwargs:
             os.chmod(kwargs["uds"], 0o660)
         self._server_task = asyncio.create_task(self._server.main_loop(), name="http-main-loop")

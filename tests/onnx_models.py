@@ -66,3 +66,14 @@ def multi_io(path: Path) -> Path:
          helper.make_tensor_value_info("k2", TensorProto.INT64, ["n", 3])],
     )
     return _save(graph, path)
+
+
+def string_identity(path: Path) -> Path:
+    """A BYTES (ONNX string) tensor in and out: ``text`` [-1] -> Identity -> ``echo`` [-1]."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["echo"])],
+        "string_identity",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, ["n"])],
+    )
+    return _save(graph, path)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeagent.errors import BackendUnavailable, InferenceError, ModelError
+from edgeagent.errors import BackendUnavailable, InferenceError, InferenceInputError, ModelError
 from edgeagent.runtime.base import Backend, LoadedModel, ProviderAttempt, TensorSpec
 from edgeagent.runtime.datatypes import ORT_TO_DATATYPE
 
@@ -36,6 +36,17 @@ def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _as_text(name: str, arr: np.ndarray) -> np.ndarray:
+    """BYTES elements as str: onnxruntime would turn a bytes object into its repr ("b'..'")."""
+    try:
+        return np.array([b.decode() if isinstance(b, bytes) else b for b in arr.reshape(-1)],
+                        dtype=object).reshape(arr.shape)
+    except UnicodeDecodeError as exc:
+        raise InferenceInputError(
+            f"input {name!r}: ONNX string tensors hold UTF-8 text, and an element is not UTF-8"
+        ) from exc
+
+
 class OnnxModel(LoadedModel):
     """A model running in an onnxruntime ``InferenceSession`` (thread-safe for ``run``)."""
 
@@ -53,8 +64,9 @@ class OnnxModel(LoadedModel):
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self._output_names
+        feeds = {k: _as_text(k, v) if v.dtype == object else v for k, v in inputs.items()}
         try:
-            results = self._session.run(names, dict(inputs))
+            results = self._session.run(names, feeds)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeError
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
         return dict(zip(names, results))

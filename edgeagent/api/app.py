@@ -1,0 +1,238 @@
+"""The HTTP application: Open Inference Protocol routes (KServe v2) with Triton's extensions.
+
+Handlers are thin: they read the request within the configured limits, call the transport-free
+services (scheduler, manager, repository) and encode what those return. Errors are raised as
+:class:`~edgeagent.errors.EdgeAgentError` subclasses and turned into ``{"error": ...}`` with
+their status by :mod:`edgeagent.api.errors`, the one place that maps them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from edgeagent.api.auth import TokenAuth
+from edgeagent.api.codec import (
+    HEADER_LENGTH,
+    decode_request,
+    encode_response,
+    header_length,
+    parse_json,
+)
+from edgeagent.api.errors import (
+    BadRequest,
+    NotReady,
+    PayloadTooLarge,
+    handle_edgeagent_error,
+    handle_http_exception,
+)
+from edgeagent.api.metrics import CONTENT_TYPE_LATEST, build_registry
+from edgeagent.api.triton import model_config, model_metadata, server_metadata
+from edgeagent.errors import EdgeAgentError, ModelNotFound
+from edgeagent.runtime.scheduler import ModelLimits
+
+if TYPE_CHECKING:
+    from edgeagent.app import Services
+
+#: Bodies (and outputs) above this size are decoded (encoded) in a worker thread, so one large
+#: request never stalls the event loop; smaller ones are cheaper to handle inline.
+OFFLOAD_BYTES = 1 << 20
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+
+    A declared Content-Length is checked before reading; a chunked body is checked as it
+    arrives, so no more than ``limit`` bytes are ever buffered.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(f"Content-Length must be a number of bytes, got {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the body is {declared} bytes, more than "
+                                  f"http.max_request_bytes ({limit})")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body exceeds http.max_request_bytes ({limit} bytes)")
+    return body
+
+
+def _version(request: Request) -> int | None:
+    raw = request.path_params.get("version")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise ModelNotFound(f"model {request.path_params['name']!r} has no version {raw!r} "
+                            "(versions are positive integers)")
+    return int(raw)
+
+
+class Api:
+    """The route handlers, bound to the agent's services."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        self.http = services.config.http
+        self.registry = build_registry(services.scheduler, services.manager)
+
+    # ---- health and metadata ----------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(server_metadata())
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        if self.s.draining():
+            raise NotReady("the agent is shutting down")
+        waiting = [n for n in self.s.repository.names() if not self.s.manager.ready(n)]
+        if waiting:
+            raise NotReady(f"not ready: model(s) {', '.join(waiting)} not loaded "
+                           "(see GET /v2/repository/index)")
+        return JSONResponse({"ready": True})
+
+    async def model_metadata(self, request: Request) -> Response:
+        mv = self.s.manager.get(request.path_params["name"], _version(request))
+        return JSONResponse(model_metadata(mv))
+
+    async def model_ready(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.s.manager.get(name, _version(request))
+        if self.s.draining():
+            raise NotReady(f"model {name!r} is ready, but the agent is shutting down")
+        return JSONResponse({"name": name, "ready": True})
+
+    async def model_config(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        mv = self.s.manager.get(name, _version(request))
+        section = self.s.config.model(name)
+        limits = ModelLimits.from_section(section) if section else ModelLimits()
+        return JSONResponse(model_config(mv, limits))
+
+    # ---- statistics and metrics -------------------------------------------------------
+
+    def _stats(self, name: str, version: int | None) -> dict[str, Any]:
+        active = self.s.manager.slot(name).active
+        if version is not None and (active is None or active.version != version):
+            raise ModelNotFound(f"model {name!r} version {version} is not loaded")
+        return self.s.scheduler.stats(name).triton(str(active.version) if active else "")
+
+    async def all_stats(self, request: Request) -> Response:
+        return JSONResponse({"model_stats": [self._stats(n, None)
+                                             for n in self.s.manager.names()]})
+
+    async def model_stats(self, request: Request) -> Response:
+        entry = self._stats(request.path_params["name"], _version(request))
+        return JSONResponse({"model_stats": [entry]})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def agent_status(self, request: Request) -> Response:
+        return JSONResponse(self.s.status())
+
+    # ---- inference --------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        name, version = request.path_params["name"], _version(request)
+        if self.s.draining():
+            raise NotReady("the agent is shutting down; retry once it is back")
+        self.s.manager.get(name, version)  # unknown or not ready: refuse before reading the body
+        body = await read_body(request, self.http.max_request_bytes)
+        decode = functools.partial(decode_request, body,
+                                   header_length(request.headers.get(HEADER_LENGTH), len(body)),
+                                   self.http.max_tensor_elements)
+        req = decode() if len(body) <= OFFLOAD_BYTES else await run_in_threadpool(decode)
+        mv, outputs = await self.s.scheduler.infer(name, req.inputs, req.output_names, version)
+        encode = functools.partial(encode_response, name, mv.version, req, outputs)
+        size = sum(a.nbytes for a in outputs.values())
+        enc = encode() if size <= OFFLOAD_BYTES else await run_in_threadpool(encode)
+        return Response(enc.body, headers=enc.headers, media_type=enc.media_type)
+
+    # ---- model repository extension ---------------------------------------------------
+
+    async def _json_object(self, request: Request) -> dict[str, Any]:
+        body = await read_body(request, self.http.max_request_bytes)
+        if not body.strip():
+            return {}
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return payload
+
+    async def repository_index(self, request: Request) -> Response:
+        payload = await self._json_object(request)
+        ready_only = payload.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise BadRequest("'ready' must be true or false")
+        entries = self.s.repository.index()
+        if ready_only:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return JSONResponse(entries)
+
+    async def repository_load(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        params = (await self._json_object(request)).get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("'parameters' must be a JSON object")
+        if "config" in params or any(k.startswith("file:") for k in params):
+            raise BadRequest("edgeagent never loads a model from a request: it loads only the "
+                             "models in its configuration, from their file or the hub")
+        mv = await self.s.repository.load(name)
+        return JSONResponse({"name": name, "version": str(mv.version), "state": "READY"})
+
+    async def repository_unload(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        await self._json_object(request)  # read and check the body even if nothing in it is used
+        await self.s.repository.unload(name)
+        return JSONResponse({"name": name, "state": "UNLOADED"})
+
+
+def _model_routes(suffix: str, handler: Handler, method: str) -> list[Route]:
+    """The same route with and without ``/versions/{version}``."""
+    return [Route(f"/v2/models/{{name}}{suffix}", handler, methods=[method]),
+            Route(f"/v2/models/{{name}}/versions/{{version}}{suffix}", handler, methods=[method])]
+
+
+def build_app(services: Services) -> Starlette:
+    """The ASGI application serving the local API on ``services``."""
+    api = Api(services)
+    routes = [
+        Route("/v2", api.server_metadata, methods=["GET"]),
+        Route("/v2/health/live", api.live, methods=["GET"]),
+        Route("/v2/health/ready", api.ready, methods=["GET"]),
+        # Before /v2/models/{name}, which would otherwise take "stats" for a model name.
+        Route("/v2/models/stats", api.all_stats, methods=["GET"]),
+        *_model_routes("", api.model_metadata, "GET"),
+        *_model_routes("/ready", api.model_ready, "GET"),
+        *_model_routes("/config", api.model_config, "GET"),
+        *_model_routes("/stats", api.model_stats, "GET"),
+        *_model_routes("/infer", api.infer, "POST"),
+        Route("/v2/repository/index", api.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", api.repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", api.repository_unload, methods=["POST"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/v1/agent/status", api.agent_status, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(TokenAuth, token=services.token)],
+        exception_handlers={EdgeAgentError: handle_edgeagent_error,
+                            HTTPException: handle_http_exception},
+    )

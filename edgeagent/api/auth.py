@@ -1,0 +1,49 @@
+"""Bearer-token authentication, as ASGI middleware in front of every route.
+
+With ``http.token_file`` configured, every request needs ``Authorization: Bearer <token>``
+(compared in constant time). Changing which models are loaded always needs the token: with
+none configured, the repository load/unload endpoints are refused outright.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgeagent.api.errors import Forbidden, Unauthorized, error_response
+
+#: Endpoints that change what the agent serves: always behind the token.
+_REPOSITORY_CHANGE = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
+
+
+class TokenAuth:
+    """Refuse requests without the right bearer token (401), or repository changes when no
+    token is configured at all (403)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self._token = token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self._refusal(scope)
+            if error is not None:
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> Unauthorized | Forbidden | None:
+        if self._token is None:
+            if _REPOSITORY_CHANGE.match(scope["path"]):
+                return Forbidden("configure http.token_file to use the model repository API")
+            return None
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return Unauthorized("this endpoint needs 'Authorization: Bearer <token>' "
+                                "(the token in http.token_file)")
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            return Unauthorized("wrong bearer token")
+        return None

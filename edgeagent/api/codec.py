@@ -1,0 +1,358 @@
+"""Inference request decoding and response encoding: JSON tensors and Triton's binary tensor
+data extension, in both directions.
+
+Wire format (``binary_data.md`` of the Triton protocol docs, and tritonclient's own
+``_utils.py``/``_infer_result.py``): a JSON header of ``Inference-Header-Content-Length`` bytes,
+then the raw tensors back to back, in the order of the inputs (or outputs) that carry
+``parameters.binary_data_size``. Fixed-size types are little-endian element arrays; BYTES
+elements are each a 4-byte little-endian length followed by that many bytes. Every platform
+edgeagent runs on (x86-64, ARM64) is little-endian, so numpy's native dtypes read them as is.
+
+The hot path copies as little as it can: a binary input becomes a numpy view of the request
+body (``np.frombuffer``, no copy), a JSON input is converted once with ``np.asarray``, and sizes
+are checked against the declared shape before anything is allocated. This module knows nothing
+of models: the manager validates names, datatypes and shapes against the signature.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeagent.api.errors import BadRequest, PayloadTooLarge
+from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, datatype_of
+
+#: The header that splits a body into a JSON part and a binary part.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# The C encoder with compact separators: measured faster than the default separators and
+# than hand-built strings for tolist() output.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """One entry of a request's ``outputs``: a name and whether to send it as binary data."""
+
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: arrays keyed by input name, and what to send back."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[RequestedOutput, ...]
+    """The outputs asked for, in order; empty means all of them."""
+    binary_output: bool
+    """``parameters.binary_data_output``: the default for outputs not listed."""
+
+    @property
+    def output_names(self) -> list[str] | None:
+        return [o.name for o in self.outputs] if self.outputs else None
+
+    def wants_binary(self, name: str) -> bool:
+        for out in self.outputs:
+            if out.name == name:
+                return out.binary
+        return self.binary_output
+
+
+def header_length(value: str | None, body_size: int) -> int | None:
+    """Parse ``Inference-Header-Content-Length``; ``None`` when the whole body is JSON.
+
+    Raises:
+        BadRequest: not an integer, or outside ``1..body_size``.
+    """
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+    if not 0 < n <= body_size:
+        raise BadRequest(
+            f"{HEADER_LENGTH} is {n}, but the body has {body_size} bytes "
+            "(expected 1 to the body size)"
+        )
+    return n
+
+
+def parse_json(data: bytes | bytearray, what: str = "request body") -> Any:
+    """``json.loads`` with a 400 for anything that is not JSON."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the {what} is not valid JSON: {exc}") from None
+
+
+def decode_request(body: bytes | bytearray, header_size: int | None,
+                   max_elements: int) -> InferRequest:
+    """Decode an inference request body into numpy arrays.
+
+    Args:
+        body: The whole request body.
+        header_size: ``Inference-Header-Content-Length`` (already checked by
+            :func:`header_length`), or ``None`` when the whole body is JSON.
+        max_elements: Most elements any one tensor may declare (``http.max_tensor_elements``).
+
+    Returns:
+        The request, its binary inputs being views of ``body``.
+
+    Raises:
+        BadRequest: malformed JSON, missing or mistyped fields, data that does not match the
+            declared shape, binary sizes that do not add up.
+        PayloadTooLarge: a tensor declares more than ``max_elements`` elements.
+    """
+    view = memoryview(body)
+    if header_size is None:
+        header, binary = parse_json(body), view[len(body):]
+    else:
+        header, binary = parse_json(bytes(view[:header_size]), "JSON header"), view[header_size:]
+    if not isinstance(header, dict):
+        raise BadRequest("the inference request must be a JSON object")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    params = _mapping(header, "parameters", "the request")
+    binary_output = _flag(params, "binary_data_output", "the request")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, tensor in enumerate(raw_inputs):
+        name, arr, used = _decode_input(tensor, i, binary[offset:], max_elements)
+        if name in inputs:
+            raise BadRequest(f"input {name!r} is given twice")
+        inputs[name] = arr
+        offset += used
+    if offset != len(binary):
+        raise BadRequest(
+            f"the binary inputs declare {offset} bytes (binary_data_size), but the body carries "
+            f"{len(binary)} bytes after the JSON header"
+        )
+    return InferRequest(request_id, inputs, _decode_outputs(header.get("outputs")), binary_output)
+
+
+def _mapping(obj: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = obj.get(key, {})
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{key}' of {where} must be a JSON object")
+    return value
+
+
+def _flag(params: Mapping[str, Any], key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"parameter '{key}' of {where} must be true or false")
+    return value
+
+
+def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BadRequest("'outputs' must be a list")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise BadRequest(f"outputs[{i}] must be an object with a 'name'")
+        params = _mapping(entry, "parameters", f"output {entry['name']!r}")
+        if "classification" in params or "shared_memory_region" in params:
+            raise BadRequest(f"output {entry['name']!r}: classification and shared memory are "
+                             "not supported; ask for the tensor itself")
+        out.append(RequestedOutput(entry["name"], _flag(params, "binary_data",
+                                                         f"output {entry['name']!r}")))
+    if len({o.name for o in out}) != len(out):
+        raise BadRequest("an output is asked for twice")
+    return tuple(out)
+
+
+def _decode_input(tensor: Any, index: int, binary: memoryview,
+                  max_elements: int) -> tuple[str, np.ndarray, int]:
+    """One input: its name, its array, and how many bytes of ``binary`` it used."""
+    if not isinstance(tensor, dict):
+        raise BadRequest(f"inputs[{index}] must be a JSON object")
+    name = tensor.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"inputs[{index}] has no 'name'")
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str):
+        raise BadRequest(f"input {name!r} has no 'datatype'")
+    if datatype not in DATATYPE_TO_NUMPY:
+        raise BadRequest(f"input {name!r}: unknown datatype {datatype!r} "
+                         f"(known: {', '.join(DATATYPE_TO_NUMPY)})")
+    shape = tensor.get("shape")
+    if (not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
+                              f"http.max_tensor_elements ({max_elements})")
+    params = _mapping(tensor, "parameters", f"input {name!r}")
+    if "shared_memory_region" in params:
+        raise BadRequest(f"input {name!r}: shared memory is not supported; send the data")
+    size = params.get("binary_data_size")
+    if size is None:
+        if "data" not in tensor:
+            raise BadRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        return name, _from_json(tensor["data"], name, datatype, shape, count), 0
+    if "data" in tensor:
+        raise BadRequest(f"input {name!r} has both 'data' and parameters.binary_data_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
+    if size > len(binary):
+        raise BadRequest(f"input {name!r}: binary_data_size is {size} bytes, but only "
+                         f"{len(binary)} bytes of binary data are left in the body")
+    return name, _from_binary(binary[:size], name, datatype, shape, count), size
+
+
+def _from_binary(buf: memoryview, name: str, datatype: str, shape: list[int],
+                 count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        return _bytes_from_binary(buf, name, count).reshape(shape)
+    need = count * DATATYPE_SIZE[datatype]
+    if len(buf) != need:
+        raise BadRequest(f"input {name!r}: {len(buf)} bytes of binary data, but {datatype} "
+                         f"{shape} takes {need} bytes")
+    return np.frombuffer(buf, dtype=DATATYPE_TO_NUMPY[datatype]).reshape(shape)
+
+
+def _bytes_from_binary(buf: memoryview, name: str, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos, end = 0, len(buf)
+    for i in range(count):
+        if pos + 4 > end:
+            raise BadRequest(f"input {name!r}: the BYTES data ends after {i} of {count} elements")
+        (n,) = _LENGTH.unpack_from(buf, pos)
+        pos += 4
+        if pos + n > end:
+            raise BadRequest(f"input {name!r}: element {i} claims {n} bytes, past the end of "
+                             "its binary data")
+        out[i] = bytes(buf[pos:pos + n])
+        pos += n
+    if pos != end:
+        raise BadRequest(f"input {name!r}: {end - pos} bytes left over after {count} BYTES "
+                         "elements")
+    return out
+
+
+def _from_json(data: Any, name: str, datatype: str, shape: list[int],
+               count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest(f"input {name!r}: 'data' must be a list")
+    # A flat list is checked before numpy allocates anything; nested lists after conversion.
+    if (not data or not isinstance(data[0], list)) and len(data) != count:
+        raise BadRequest(f"input {name!r}: 'data' has {len(data)} values, but shape {shape} "
+                         f"takes {count}")
+    if datatype == "BYTES":
+        return _bytes_from_json(data, name, shape, count)
+    try:
+        arr = np.asarray(data, dtype=DATATYPE_TO_NUMPY[datatype])
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"input {name!r}: 'data' is not a (nested) list of {datatype} "
+                         f"values: {exc}") from None
+    if arr.size != count:
+        raise BadRequest(f"input {name!r}: 'data' has {arr.size} values, but shape {shape} "
+                         f"takes {count}")
+    return arr.reshape(shape)
+
+
+def _bytes_from_json(data: list[Any], name: str, shape: list[int], count: int) -> np.ndarray:
+    try:
+        flat = np.array(data, dtype=object).reshape(-1)
+    except ValueError as exc:
+        raise BadRequest(f"input {name!r}: 'data' is not a regular nested list: {exc}") from None
+    if flat.size != count:
+        raise BadRequest(f"input {name!r}: 'data' has {flat.size} values, but shape {shape} "
+                         f"takes {count}")
+    out = np.empty(count, dtype=object)
+    for i, item in enumerate(flat):
+        if not isinstance(item, str):
+            raise BadRequest(f"input {name!r}: BYTES data in JSON must be strings, "
+                             f"element {i} is {type(item).__name__}")
+        out[i] = item.encode()
+    return out.reshape(shape)
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    """An encoded inference response: body, and the headers that describe it."""
+
+    body: bytes
+    headers: dict[str, str]
+    media_type: str
+
+
+def encode_response(model_name: str, model_version: int, request: InferRequest,
+                    outputs: Mapping[str, np.ndarray]) -> EncodedResponse:
+    """Encode outputs as the protocol's response, each in JSON or binary as requested.
+
+    Raises:
+        BadRequest: a BYTES output that is not UTF-8 was asked for as JSON.
+    """
+    entries: list[dict[str, Any]] = []
+    buffers: list[bytes | memoryview] = []
+    for name, arr in outputs.items():
+        datatype = datatype_of(arr.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if request.wants_binary(name):
+            buf = _to_binary(arr, datatype)
+            entry["parameters"] = {"binary_data_size": len(buf)}
+            buffers.append(buf)
+        else:
+            entry["data"] = _to_json(arr, name, datatype)
+        entries.append(entry)
+    header: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
+    if request.id is not None:
+        header["id"] = request.id
+    header["outputs"] = entries
+    head = _dumps(header).encode()
+    if not buffers:
+        return EncodedResponse(head, {}, "application/json")
+    return EncodedResponse(b"".join([head, *buffers]), {HEADER_LENGTH: str(len(head))},
+                           "application/octet-stream")
+
+
+def _to_binary(arr: np.ndarray, datatype: str) -> bytes | memoryview:
+    if datatype != "BYTES":
+        # A byte view of the (contiguous) array: the final join is the only copy.
+        return memoryview(np.ascontiguousarray(arr)).cast("B")
+    parts: list[bytes] = []
+    for item in arr.reshape(-1):
+        raw = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _to_json(arr: np.ndarray, name: str, datatype: str) -> list[Any]:
+    if datatype != "BYTES":
+        flat: list[Any] = arr.reshape(-1).tolist()
+        return flat
+    out: list[Any] = []
+    for item in arr.reshape(-1):
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        try:
+            out.append(bytes(item).decode())
+        except UnicodeDecodeError:
+            raise BadRequest(f"output {name!r} holds bytes that are not UTF-8; ask for it with "
+                             "parameters.binary_data = true") from None
+    return out
+
