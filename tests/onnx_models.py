@@ -68,6 +68,23 @@ def multi_io(path: Path) -> Path:
     return _save(graph, path)
 
 
+def lookup(path: Path) -> Path:
+    """``idx`` INT64 [n] -> ``rows`` FP32 [n, 2]: rows of a fixed 4x2 table.
+
+    An index outside 0..3 (or -4..-1) passes validation but fails inside onnxruntime: a valid
+    request that errors at run time.
+    """
+    table = np.arange(8, dtype=np.float32).reshape(4, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["rows"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", 2])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    return _save(graph, path)
+
+
 def string_identity(path: Path) -> Path:
     """A BYTES (ONNX string) tensor in and out: ``text`` [-1] -> Identity -> ``echo`` [-1]."""
     graph = helper.make_graph(
@@ -75,5 +92,17 @@ def string_identity(path: Path) -> Path:
         "string_identity",
         [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
         [helper.make_tensor_value_info("echo", TensorProto.STRING, ["n"])],
+    )
+    return _save(graph, path)
+
+
+def doubled(path: Path) -> Path:
+    """``x`` FP32 [n] -> ``twice`` FP32 [m] = x followed by x: an output whose first dimension
+    is dynamic but is not the batch (2n rows for n)."""
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", "x"], ["twice"], axis=0)],
+        "doubled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("twice", TensorProto.FLOAT, ["m"])],
     )
     return _save(graph, path)

@@ -6,16 +6,21 @@ arrays and maps :class:`Overloaded` to 503.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from edgeagent.config import ModelSection
-from edgeagent.errors import Overloaded
+from edgeagent.errors import ModelNotFound, ModelNotReady, Overloaded
+from edgeagent.runtime.batching import BatchQueue, RunInWorker, request_rows, unbatchable_reason
 from edgeagent.runtime.manager import ModelManager, ModelVersion
 from edgeagent.runtime.stats import ModelStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,13 +38,25 @@ class ModelLimits:
 
 
 class _Lane:
-    """The queue of one model: a semaphore for running requests and a count of waiting ones."""
+    """The queue of one model: a semaphore for running executions, and either a count of the
+    requests waiting for it (unbatched) or the batch queue (``max_batch_size`` > 0)."""
 
-    def __init__(self, limits: ModelLimits, stats: ModelStats) -> None:
+    def __init__(self, limits: ModelLimits, stats: ModelStats, run_in_worker: RunInWorker) -> None:
         self.limits = limits
         self.stats = stats
         self.running = asyncio.Semaphore(limits.max_concurrency)
         self.waiting = 0
+        self.batcher: BatchQueue | None = None
+        if limits.max_batch_size > 0:
+            self.batcher = BatchQueue(limits.max_batch_size, limits.max_queue_delay_ms,
+                                      limits.max_queue_size, running=self.running, stats=stats,
+                                      run_in_worker=run_in_worker)
+        self.warned: set[tuple[int, str]] = set()
+        """(version, sha256) of versions already reported as not batchable."""
+
+    @property
+    def depth(self) -> int:
+        return self.waiting + (len(self.batcher) if self.batcher is not None else 0)
 
 
 class InferenceScheduler:
@@ -51,11 +68,14 @@ class InferenceScheduler:
         self._stats: dict[str, ModelStats] = {}
 
     def configure(self, limits: Mapping[str, ModelLimits]) -> None:
-        """Set (or change, on reload) the limits of each model; statistics are kept."""
+        """Set (or change, on reload) the limits of each model; statistics are kept.
+
+        Requests already queued under the old limits finish under them.
+        """
         for name, lim in limits.items():
             lane = self._lanes.get(name)
             if lane is None or lane.limits != lim:
-                self._lanes[name] = _Lane(lim, self.stats(name))
+                self._lanes[name] = _Lane(lim, self.stats(name), self._manager.run_in_worker)
 
     def stats(self, name: str) -> ModelStats:
         return self._stats.setdefault(name, ModelStats(name))
@@ -65,32 +85,85 @@ class InferenceScheduler:
 
     def queue_depth(self, name: str) -> int:
         lane = self._lanes.get(name)
-        return lane.waiting if lane else 0
+        return lane.depth if lane else 0
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """A model's limits, queue depth and whether dynamic batching is in effect (for status).
+
+        ``batching`` is ``off`` (max_batch_size = 0), ``on``, or ``unavailable: <why>`` when the
+        active version's first dimensions are static (it is then served unbatched).
+        """
+        lane = self._lanes.get(name)
+        lim = lane.limits if lane is not None else ModelLimits()
+        batching = "off"
+        if lim.max_batch_size > 0:
+            try:
+                why = unbatchable_reason(self._manager.get(name).model)
+            except (ModelNotFound, ModelNotReady):
+                why = ""  # judged when a version is active
+            batching = f"unavailable: {why}" if why else "on"
+        return {"max_batch_size": lim.max_batch_size, "max_queue_delay_ms": lim.max_queue_delay_ms,
+                "max_queue_size": lim.max_queue_size, "max_concurrency": lim.max_concurrency,
+                "queue_depth": lane.depth if lane is not None else 0, "batching": batching}
 
     def _lane(self, name: str) -> _Lane:
         lane = self._lanes.get(name)
         if lane is None:
-            lane = self._lanes[name] = _Lane(ModelLimits(), self.stats(name))
+            lane = self._lanes[name] = _Lane(ModelLimits(), self.stats(name),
+                                             self._manager.run_in_worker)
         return lane
+
+    def _overloaded(self, lane: _Lane, name: str) -> Overloaded:
+        lane.stats.rejected += 1
+        return Overloaded(
+            f"model {name!r} has {lane.depth} requests queued (max_queue_size "
+            f"{lane.limits.max_queue_size}); retry later",
+            retry_after_s=1.0,
+        )
 
     async def infer(self, name: str, inputs: Mapping[str, np.ndarray],
                     output_names: Sequence[str] | None = None,
                     version: int | None = None) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         """Run one request on a model's active version, within its limits.
 
+        With ``max_batch_size`` > 0 on a batchable model, the request is validated, then queued
+        to share a run with concurrent ones (see :mod:`edgeagent.runtime.batching`); the outputs
+        are the rows it would get alone.
+
         Raises:
             Overloaded: the model's queue is full.
             ModelNotFound, ModelNotReady, InferenceInputError, InferenceError: from the manager.
         """
-        self._manager.get(name, version)  # unknown / not ready: fail before queueing
+        mv = self._manager.get(name, version)  # unknown / not ready: fail before queueing
         lane = self._lane(name)
-        if lane.waiting >= lane.limits.max_queue_size:
-            lane.stats.rejected += 1
-            raise Overloaded(
-                f"model {name!r} has {lane.waiting} requests queued (max_queue_size "
-                f"{lane.limits.max_queue_size}); retry later",
-                retry_after_s=1.0,
-            )
+        if lane.batcher is not None and self._batchable(lane, mv):
+            mv.acquire()  # validated against this version, so run on it even if swapped meanwhile
+            try:
+                arrays = mv.model.validate(inputs)
+                for out in output_names or ():
+                    mv.model.output_spec(out)
+                rows = request_rows(arrays)
+                if rows:  # inputs that disagree on their first dimension run alone, below
+                    if lane.batcher.full:
+                        raise self._overloaded(lane, name)
+                    return mv, await lane.batcher.submit(mv, arrays, output_names, rows)
+            finally:
+                mv.release()
+        return await self._infer_alone(lane, name, inputs, output_names, version)
+
+    def _batchable(self, lane: _Lane, mv: ModelVersion) -> bool:
+        why = unbatchable_reason(mv.model)
+        if why and (mv.version, mv.sha256) not in lane.warned:
+            lane.warned.add((mv.version, mv.sha256))
+            log.warning("model %s version %d: max_batch_size is %d but %s; serving it unbatched",
+                        mv.name, mv.version, lane.limits.max_batch_size, why)
+        return not why
+
+    async def _infer_alone(self, lane: _Lane, name: str, inputs: Mapping[str, np.ndarray],
+                           output_names: Sequence[str] | None,
+                           version: int | None) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+        if lane.depth >= lane.limits.max_queue_size:
+            raise self._overloaded(lane, name)
         arrived = time.perf_counter_ns()
         lane.waiting += 1
         try:
@@ -108,12 +181,6 @@ class InferenceScheduler:
             lane.stats.in_flight -= 1
             done = time.perf_counter_ns()
             if ok:
-                batch = _batch_size(inputs)
-                lane.stats.execution_done(batch, done - started)
+                lane.stats.execution_done(request_rows(inputs) or 1, done - started)
             lane.stats.request_done(ok, done - arrived, started - arrived)
         return mv, outputs
-
-
-def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:
-    first = next(iter(inputs.values()), None)
-    return int(first.shape[0]) if first is not None and first.ndim else 1

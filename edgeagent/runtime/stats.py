@@ -75,6 +75,8 @@ class ModelStats:
         self.latency = Histogram()
         self.queue_time = Histogram()
         self.batch_sizes: Counter[int] = Counter()
+        self.batch_ns: Counter[int] = Counter()
+        """Compute nanoseconds spent per batch size (Triton's ``batch_stats``)."""
         self.in_flight = 0
         self.rejected = 0
         self._recent: deque[float] = deque(maxlen=window)
@@ -99,6 +101,7 @@ class ModelStats:
             self.execution_count += 1
             self.compute_infer.add(compute_ns, requests)
             self.batch_sizes[batch_size] += 1
+            self.batch_ns[batch_size] += compute_ns
 
     def take_window(self) -> dict[str, float]:
         """Latency percentiles (ms) of the requests since the last call; resets the window."""
@@ -129,7 +132,7 @@ class ModelStats:
                     "compute_output": self.compute_output.to_dict(),
                 },
                 "batch_stats": [
-                    {"batch_size": size, "compute_infer": {"count": n, "ns": 0}}
+                    {"batch_size": size, "compute_infer": {"count": n, "ns": self.batch_ns[size]}}
                     for size, n in sorted(self.batch_sizes.items())
                 ],
             }
