@@ -51,7 +51,9 @@ def convert_fp16(model: Path, out: Path, *, keep_io_types: bool = False) -> Path
         converted.topological_sort()
         onnx.checker.check_model(converted.model)
     except Exception as exc:  # the converter raises anything from onnx's shape inference
-        raise ConvertError(f"{model}: fp16 conversion failed ({type(exc).__name__}: {exc})") from exc
+        raise ConvertError(
+            f"{model}: fp16 conversion failed ({type(exc).__name__}: {exc})"
+        ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(converted.model, str(out))
     log.info("wrote %s (%d bytes)", out, out.stat().st_size)

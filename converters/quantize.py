@@ -82,7 +82,8 @@ def quantize_onnx(
             "(dynamic quantisation only writes operator format)"
         )
     fmt = quant_format or "qdq"
-    needed = MIN_OPSET_PER_CHANNEL_QDQ if per_channel and calibration and fmt == "qdq" else MIN_OPSET
+    per_channel_qdq = per_channel and calibration is not None and fmt == "qdq"
+    needed = MIN_OPSET_PER_CHANNEL_QDQ if per_channel_qdq else MIN_OPSET
     if opset < needed:
         raise InputError(
             f"{model}: uses ONNX opset {opset}, onnxruntime can quantise this only from opset "

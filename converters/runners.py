@@ -156,10 +156,12 @@ def _quantize(value: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
     dtype = np.dtype(detail["dtype"])
     info = np.iinfo(dtype)
     quantized = np.round(value.astype(np.float64) / scale) + zero_point
-    return np.clip(quantized, info.min, info.max).astype(dtype)
+    clipped: np.ndarray = np.clip(quantized, info.min, info.max).astype(dtype)
+    return clipped
 
 
 def _dequantize(value: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
     scale, zero_point = detail["quantization"]
-    return ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)
+    real: np.ndarray = ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)
+    return real
 

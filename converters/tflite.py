@@ -71,7 +71,8 @@ def convert_tflite(
     tf = _import_tensorflow()
     arrays = load_samples(calibration) if calibration is not None else None
     if precision == "int8":
-        assert arrays is not None and calibration is not None
+        assert arrays is not None
+        assert calibration is not None
         # The fp32 conversion tells the inputs' names, order and shapes, which the
         # representative dataset must follow.
         specs = TfliteRunner(content=_convert(tf, source, "fp32", None)).inputs

@@ -318,7 +318,7 @@ def write_checks(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out, meta_path

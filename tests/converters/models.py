@@ -21,7 +21,7 @@ __all__ = ["broken_copy", "cnn", "mlp", "separated_samples"]
 
 
 def cnn(path: Path, seed: int = 1, opset: int = 17) -> Path:
-    """float32 [batch, 3, 32, 32] -> conv-relu-pool, conv, 8x8 average pool, dense -> [batch, 10]."""
+    """float32 [batch, 3, 32, 32] -> conv-relu-pool, conv, 8x8 avg pool, dense -> [batch, 10]."""
     rng = np.random.default_rng(seed)
 
     def weights(*shape: int) -> np.ndarray:

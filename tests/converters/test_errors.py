@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import edgeconvert
 import numpy as np
 import onnx
 import pytest
-
-import edgeconvert
 from edgeconvert.cli import main
+
 from tests.converters import models
 
 
@@ -67,7 +67,8 @@ def test_tflite_file_given_to_onnx_commands(
     for command in ("quantize", "fp16"):
         code, err = run([command, str(fake), "--out", str(tmp_path / "o.onnx")], capsys)
         assert code == 2
-        assert "is a TFLite model" in err and "edgeconvert tflite" in err
+        assert "is a TFLite model" in err
+        assert "edgeconvert tflite" in err
 
 
 def test_missing_files(capsys: pytest.CaptureFixture[str], tmp_path: Path, mlp: Path) -> None:
@@ -117,7 +118,8 @@ def test_opset_too_old_and_qdq_without_calibration(
     onnx.save_model(model, str(old))
     code, err = run(["quantize", str(old), "--out", str(tmp_path / "o.onnx")], capsys)
     assert code == 2
-    assert "opset 9" in err and "version_converter" in err
+    assert "opset 9" in err
+    assert "version_converter" in err
     code, err = run(["quantize", str(mlp), "--out", str(tmp_path / "o.onnx"), "--format", "qdq"],
                     capsys)
     assert (code, "needs static quantisation" in err) == (2, True)
@@ -150,4 +152,5 @@ def test_tflite_errors(
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     code, err = run(["tflite", str(keras_file), "--out", str(tmp_path / "m.tflite")], capsys)
     assert code == 1
-    assert "needs TensorFlow" in err and "edgeagent[convert]" in err
+    assert "needs TensorFlow" in err
+    assert "edgeagent[convert]" in err

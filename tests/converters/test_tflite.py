@@ -1,4 +1,4 @@
-"""TFLite fp32/fp16/int8 from a Keras model, validated with LiteRT. Needs TensorFlow (slow import)."""
+"""TFLite fp32/fp16/int8 from a Keras model, validated with LiteRT (needs TensorFlow: slow)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 
 from edgeconvert.cli import main  # noqa: E402
+
 from tests.converters import models  # noqa: E402
 
 # Keras 3 saving a model under NumPy 2 warns from inside Keras; nothing of ours.
