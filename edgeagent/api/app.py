@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgeagent.api.auth import TokenAuth
+from edgeagent.api.auth import RequestGuard
 from edgeagent.api.codec import (
     HEADER_LENGTH,
     decode_request,
@@ -35,6 +35,7 @@ from edgeagent.api.errors import (
     PayloadTooLarge,
     handle_edgeagent_error,
     handle_http_exception,
+    handle_unexpected,
 )
 from edgeagent.api.metrics import CONTENT_TYPE_LATEST, build_registry
 from edgeagent.api.triton import model_config, model_metadata, server_metadata
@@ -232,7 +233,9 @@ def build_app(services: Services) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(TokenAuth, token=services.token)],
+        middleware=[Middleware(RequestGuard, token=services.token,
+                               max_header_bytes=services.config.http.max_header_bytes)],
         exception_handlers={EdgeAgentError: handle_edgeagent_error,
-                            HTTPException: handle_http_exception},
+                            HTTPException: handle_http_exception,
+                            Exception: handle_unexpected},
     )

@@ -1,6 +1,7 @@
-"""Bearer-token authentication, as ASGI middleware in front of every route.
+"""Request admission, as ASGI middleware in front of every route: header size, bearer token.
 
-With ``http.token_file`` configured, every request needs ``Authorization: Bearer <token>``
+Header fields larger in all than ``http.max_header_bytes`` are refused with 431 (uvicorn's h11
+limit only bounds a header block that arrives in pieces). With ``http.token_file`` configured, every request needs ``Authorization: Bearer <token>``
 (compared in constant time). Changing which models are loaded always needs the token: with
 none configured, the repository load/unload endpoints are refused outright.
 """
@@ -13,19 +14,20 @@ import re
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edgeagent.api.errors import Forbidden, Unauthorized, error_response
+from edgeagent.api.errors import Forbidden, HeadersTooLarge, Unauthorized, error_response
 
 #: Endpoints that change what the agent serves: always behind the token.
 _REPOSITORY_CHANGE = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
 
 
-class TokenAuth:
-    """Refuse requests without the right bearer token (401), or repository changes when no
-    token is configured at all (403)."""
+class RequestGuard:
+    """Refuse oversized headers (431), requests without the right bearer token (401), and
+    repository changes when no token is configured at all (403)."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, max_header_bytes: int) -> None:
         self.app = app
         self._token = token.encode() if token else None
+        self._max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -35,7 +37,11 @@ class TokenAuth:
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, scope: Scope) -> Unauthorized | Forbidden | None:
+    def _refusal(self, scope: Scope) -> HeadersTooLarge | Unauthorized | Forbidden | None:
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # + ": " and CRLF
+        if size > self._max_header_bytes:
+            return HeadersTooLarge(f"the request headers take {size} bytes, more than "
+                                   f"http.max_header_bytes ({self._max_header_bytes})")
         if self._token is None:
             if _REPOSITORY_CHANGE.match(scope["path"]):
                 return Forbidden("configure http.token_file to use the model repository API")

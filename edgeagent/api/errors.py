@@ -37,6 +37,10 @@ class PayloadTooLarge(BadRequest):
     """A request body (or a tensor in it) exceeds the configured limits."""
 
 
+class HeadersTooLarge(EdgeAgentError):
+    """The request's header fields exceed ``http.max_header_bytes``."""
+
+
 class Unauthorized(EdgeAgentError):
     """The bearer token is missing or wrong."""
 
@@ -52,6 +56,7 @@ class NotReady(EdgeAgentError):
 #: Most specific first: the first class an error is an instance of decides its status.
 _STATUS: tuple[tuple[type[EdgeAgentError], int], ...] = (
     (PayloadTooLarge, 413),
+    (HeadersTooLarge, 431),
     (BadRequest, 400),
     (InferenceInputError, 400),
     (Unauthorized, 401),
@@ -83,7 +88,7 @@ def error_response(exc: EdgeAgentError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="edgeagent"'
-    elif isinstance(exc, PayloadTooLarge):
+    elif isinstance(exc, PayloadTooLarge | HeadersTooLarge):
         # The rest of the body is not read: close the connection rather than drain it.
         headers["Connection"] = "close"
     if status >= 500 and not isinstance(exc, Overloaded | ModelNotReady | NotReady):
@@ -106,3 +111,9 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     elif exc.status_code == 405:
         detail = f"method {request.method} not allowed on {request.url.path}"
     return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """A bug, not a bad request: 500 in the protocol's shape (the traceback goes to the log)."""
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                        status_code=500)
