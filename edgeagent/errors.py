@@ -109,3 +109,7 @@ class HubError(EdgeAgentError):
 
 class VerificationError(HubError):
     """Hub content failed verification (signature, hash, length, version rules)."""
+
+
+class BrokerError(EdgeAgentError):
+    """The MQTT broker is unreachable, refused us, or did not acknowledge a message."""
