@@ -1,9 +1,10 @@
 """Request admission, as ASGI middleware in front of every route: header size, bearer token.
 
 Header fields larger in all than ``http.max_header_bytes`` are refused with 431 (uvicorn's h11
-limit only bounds a header block that arrives in pieces). With ``http.token_file`` configured, every request needs ``Authorization: Bearer <token>``
-(compared in constant time). Changing which models are loaded always needs the token: with
-none configured, the repository load/unload endpoints are refused outright.
+limit only bounds a header block that arrives in pieces). With ``http.token_file`` configured,
+every request needs ``Authorization: Bearer <token>`` (compared in constant time). Changing
+which models are loaded always needs the token: with none configured, the repository
+load/unload endpoints are refused outright.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from edgeagent.app import Agent
 from edgeagent.config import AgentConfig, parse_config
 from tests import onnx_models
 
-TOKEN = "api-test-token-0123456789abcdef"
+TOKEN = "api-test-token-0123456789abcdef"  # noqa: S105 - a test token
 MAX_REQUEST_BYTES = 1 << 20
 MAX_TENSOR_ELEMENTS = 100_000
 

@@ -68,9 +68,11 @@ def test_json_input_and_both_output_encodings(datatype: str) -> None:
     np.testing.assert_array_equal(req.inputs["t"], arr)
     assert req.inputs["t"].dtype == arr.dtype
     as_json = encode_response("m", 3, InferRequest(None, {}, (), False), {"t": arr})
-    assert as_json.media_type == "application/json" and not as_json.headers
+    assert as_json.media_type == "application/json"
+    assert not as_json.headers
     out = json.loads(as_json.body)["outputs"][0]
-    assert out["datatype"] == datatype and out["shape"] == [2, 3]
+    assert out["datatype"] == datatype
+    assert out["shape"] == [2, 3]
     np.testing.assert_array_equal(np.array(out["data"], dtype=arr.dtype).reshape(2, 3), arr)
     as_binary = encode_response("m", 3, InferRequest(None, {}, (), True), {"t": arr})
     n = int(as_binary.headers["Inference-Header-Content-Length"])
@@ -85,7 +87,8 @@ def test_bytes_match_tritonclient_serialisation() -> None:
     body, n = _binary({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2, 2],
                                    "parameters": {"binary_data_size": len(raw)}}]}, raw)
     got = decode_request(body, n, 100).inputs["s"]
-    assert got.shape == (2, 2) and list(got.reshape(-1)) == list(words)
+    assert got.shape == (2, 2)
+    assert list(got.reshape(-1)) == list(words)
     enc = encode_response("m", 1, InferRequest(None, {}, (RequestedOutput("s", True),), False),
                           {"s": got})
     n = int(enc.headers["Inference-Header-Content-Length"])
@@ -101,11 +104,14 @@ def test_requested_outputs_and_id() -> None:
         "parameters": {"binary_data_output": True},
         "outputs": [{"name": "b", "parameters": {"binary_data": False}}, {"name": "c"}],
     }).encode(), None, 10)
-    assert req.id == "x1" and req.output_names == ["b", "c"]
-    assert not req.wants_binary("b") and not req.wants_binary("c")
+    assert req.id == "x1"
+    assert req.output_names == ["b", "c"]
+    assert not req.wants_binary("b")
+    assert not req.wants_binary("c")
     assert req.wants_binary("not-listed")  # the request-wide default
     head = json.loads(encode_response("m", 1, req, {"b": np.zeros(1, np.float32)}).body)
-    assert head["id"] == "x1" and head["model_version"] == "1"
+    assert head["id"] == "x1"
+    assert head["model_version"] == "1"
 
 
 @pytest.mark.parametrize(("value", "ok"), [(None, True), ("5", True), ("10", True),
@@ -134,9 +140,11 @@ def test_element_limit_is_checked_before_allocating() -> None:
 def test_status_map(exc: EdgeAgentError, status: int) -> None:
     assert status_of(exc) == status
     response = error_response(exc)
-    assert response.status_code == status and json.loads(bytes(response.body)) == {"error": "x"}
+    assert response.status_code == status
+    assert json.loads(bytes(response.body)) == {"error": "x"}
 
 
 def test_overloaded_says_when_to_retry() -> None:
     response = error_response(Overloaded("queue full", retry_after_s=2.5))
-    assert response.status_code == 503 and response.headers["retry-after"] == "3"
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "3"

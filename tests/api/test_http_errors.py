@@ -57,11 +57,13 @@ def _error(r: httpx.Response, status: int, *words: str) -> str:
 def test_json_infer_nested_data_and_id(http: httpx.Client) -> None:
     r = http.post("/v2/models/multi_io/versions/1/infer", json={
         "id": "abc",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [[1, 2, 3], [4, 5, 6]]},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3],
+                    "data": [[1, 2, 3], [4, 5, 6]]},
                    {"name": "k", "datatype": "INT64", "shape": [2, 3], "data": [1, 1, 1, 2, 2, 2]}],
         "outputs": [{"name": "sum"}],
     })
-    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
     assert r.json() == {"model_name": "multi_io", "model_version": "1", "id": "abc", "outputs": [
         {"name": "sum", "datatype": "FP32", "shape": [2, 3], "data": [2, 3, 4, 6, 7, 8]}]}
 
@@ -82,7 +84,8 @@ def test_binary_response_layout(http: httpx.Client) -> None:
     n = int(r.headers["inference-header-content-length"])
     header = json.loads(r.content[:n])
     sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
-    assert sizes == [24, 48] and len(r.content) == n + 72
+    assert sizes == [24, 48]
+    assert len(r.content) == n + 72
     np.testing.assert_array_equal(np.frombuffer(r.content[n:n + 24], np.float32), x * 2)
     np.testing.assert_array_equal(np.frombuffer(r.content[n + 24:], np.int64), k * 2)
 
@@ -92,7 +95,8 @@ def test_binary_bytes_tensor_wire_format(http: httpx.Client) -> None:
     raw = b"".join(struct.pack("<I", len(w)) + w for w in words)
     body, headers = _binary_body({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3],
                                               "parameters": {"binary_data_size": len(raw)}}],
-                                  "outputs": [{"name": "echo", "parameters": {"binary_data": True}}]},
+                                  "outputs": [{"name": "echo",
+                                               "parameters": {"binary_data": True}}]},
                                  raw)
     r = http.post("/v2/models/strings/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
@@ -109,7 +113,8 @@ def test_chunked_body_within_the_limit(http: httpx.Client) -> None:
 def test_metrics(http: httpx.Client) -> None:
     assert _mlp_request(http).status_code == 200
     r = http.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
     text = r.text
     for line in ('edgeagent_inference_requests_total{model="mlp"}',
                  'edgeagent_inference_latency_seconds_bucket{le="+Inf",model="mlp"}',
@@ -149,7 +154,8 @@ def test_agent_status(http: httpx.Client) -> None:
     ({"inputs": [_x(data=["a"] * 64)]}, ["not a (nested) list of FP32"]),
     ({"inputs": [_x(data={"a": 1})]}, ["must be a list"]),
     ({"inputs": [_x(data=[0.5] * 128, shape=[2, 63])]}, ["takes 126"]),
-    ({"inputs": [_x(shape=[1, 63], data=[0.5] * 63)]}, ["shape [1, 63] does not match", "[-1, 64]"]),
+    ({"inputs": [_x(shape=[1, 63], data=[0.5] * 63)]},
+     ["shape [1, 63] does not match", "[-1, 64]"]),
     ({"inputs": [_x(datatype="INT32", data=[1] * 64)]}, ["datatype INT32 does not match", "FP32"]),
     ({"inputs": [_x(), {**_x(), "name": "extra"}]}, ["unknown input 'extra'"]),
     ({"inputs": [_x(), _x()]}, ["given twice"]),
