@@ -1,0 +1,1 @@
+"""Benchmarks of edgeagent against onnxruntime in-process (``python -m benchmarks.run``)."""

@@ -1,0 +1,478 @@
+"""Benchmark: the agent over loopback against onnxruntime in-process, same models, same run.
+
+Usage::
+
+    python -m benchmarks.run [--quick] [--out results.json] [--seconds S]
+
+For a tiny MLP (float32 [N,64] -> [N,10]) and a ~0.47 GMAC CNN (float32 [N,3,224,224] ->
+[N,1000]), at batch 1:
+
+- in-process: an onnxruntime session (2 intra-op threads), concurrency 1 and 4 (threads);
+- the agent, started as a subprocess (``python -m edgeagent run --config <tmp toml>``, the
+  x86-64-cpu profile with 2 threads), over loopback HTTP with JSON and with binary tensors, at
+  concurrency 1 and 4; then a second agent with dynamic batching (max_batch_size 8) at
+  concurrency 8.
+
+It prints throughput, p50/p99 latency and the ratio to in-process for each case, the agent's
+time from spawn to ``/v2/health/ready`` = 200 and its idle RSS with both models loaded, checks
+the targets of issue 3, and writes everything as JSON to ``--out``.
+
+The load generator keeps its own cost low: request bodies are encoded once per case and sent
+over keep-alive connections by geventhttpclient greenlets (one connection per concurrent
+caller); responses are read but decoded only once per case, to check them against the
+in-process outputs (with tritonclient, Triton's own client). The client's CPU time per request
+is measured and reported, since on a small box it competes with the agent for the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.models import cnn, cnn_macs, mlp
+
+THREADS = 2
+"""Intra-op threads, in-process and in the agent (this box's cores; the reference figures)."""
+
+#: Model name -> (input name, input shape at batch 1, output name).
+MODELS: dict[str, tuple[str, tuple[int, ...], str]] = {
+    "mlp": ("input", (1, 64), "logits"),
+    "cnn": ("image", (1, 3, 224, 224), "logits"),
+}
+
+#: Reference figures of issue 3 (same kind of 2-core box, onnxruntime CPU, 2 threads).
+REFERENCE = {
+    "in-process cnn": 164.0, "in-process mlp": 75_000.0,
+    "kserve cnn binary": 7.5, "kserve cnn json": 13.5, "kserve mlp c4": 985.0,
+    "mlserver cnn json": 29.0, "mlserver mlp": 750.0,
+    "kserve idle rss mb": 185.0, "mlserver idle rss mb": 355.0, "kserve ready s": 1.3,
+}
+
+
+@dataclass
+class Case:
+    """One measured configuration."""
+
+    target: str
+    """``in-process``, ``agent`` or ``agent+batching``."""
+    model: str
+    protocol: str
+    """``-`` in-process, else ``json`` or ``binary``."""
+    concurrency: int
+    requests: int = 0
+    seconds: float = 0.0
+    throughput: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    ratio: float | None = None
+    """Throughput over the best in-process throughput of the same model (in-process runs
+    beyond the core count only oversubscribe the CPU, so the best is the fair baseline)."""
+    client_cpu_us: float | None = None
+    """Client CPU time per request (microseconds): what the load generator itself costs."""
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    """Agent-side executions per batch size (from the statistics extension)."""
+
+    def measured(self, latencies: list[float], elapsed: float) -> None:
+        lat = np.asarray(latencies) * 1000
+        self.requests = len(latencies)
+        self.seconds = round(elapsed, 3)
+        self.throughput = round(len(latencies) / elapsed, 1)
+        self.p50_ms = round(float(np.percentile(lat, 50)), 3)
+        self.p99_ms = round(float(np.percentile(lat, 99)), 3)
+
+
+@dataclass
+class Budget:
+    """How long each case runs: a warm-up (not measured), then a fixed duration."""
+
+    warmup_s: float
+    seconds: float
+
+
+# ---- in-process -----------------------------------------------------------------------
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _closed_loop(call: Callable[[], None], concurrency: int, budget: Budget,
+                 spawn: Callable[..., Any], join: Callable[[list[Any]], None],
+                 ) -> tuple[list[float], float, float]:
+    """Run ``call`` back to back from ``concurrency`` callers; latencies, elapsed, client CPU."""
+    latencies: list[float] = []
+
+    def caller(until: float, record: bool) -> None:
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            call()
+            if record:
+                latencies.append(time.perf_counter() - start)
+
+    join([spawn(caller, time.perf_counter() + budget.warmup_s, False) for _ in range(concurrency)])
+    cpu, start = time.process_time(), time.perf_counter()
+    join([spawn(caller, start + budget.seconds, True) for _ in range(concurrency)])
+    return latencies, time.perf_counter() - start, time.process_time() - cpu
+
+
+def _thread(fn: Callable[..., None], *args: Any) -> threading.Thread:
+    t = threading.Thread(target=fn, args=args)
+    t.start()
+    return t
+
+
+def _join_threads(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join()
+
+
+def in_process(paths: dict[str, Path], budget: Budget) -> tuple[list[Case], dict[str, np.ndarray]]:
+    """Batch-1 throughput of plain onnxruntime sessions; also the reference outputs."""
+    cases, reference = [], {}
+    for model, path in paths.items():
+        session = _session(path)
+        name, shape, out = MODELS[model]
+        x = _input(model)
+        reference[model] = session.run([out], {name: x})[0]
+        for concurrency in (1, 4):
+            case = Case("in-process", model, "-", concurrency)
+            lat, elapsed, _ = _closed_loop(lambda s=session, n=name, o=out: s.run([o], {n: x}),
+                                           concurrency, budget, _thread, _join_threads)
+            case.measured(lat, elapsed)
+            cases.append(case)
+            _progress(case)
+    return cases, reference
+
+
+def _input(model: str) -> np.ndarray:
+    return np.random.default_rng(42).random(MODELS[model][1], dtype=np.float32)
+
+
+# ---- the agent --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: int) -> Path:
+    """The agent's config: both models by path, the x86-64-cpu profile pinned to 2 threads."""
+    import importlib.resources
+
+    profiles_dir = work / "profiles"
+    profiles_dir.mkdir(exist_ok=True)
+    shipped = importlib.resources.files("edgeagent.device_profiles") / "x86-64-cpu.toml"
+    text = shipped.read_text()
+    if "\nthreads = " not in text:
+        raise SystemExit(f"{shipped}: no top-level 'threads' key to pin")
+    lines = [f"threads = {THREADS}" if ln.startswith("threads = ") else ln
+             for ln in text.splitlines()]
+    (profiles_dir / "x86-64-cpu.toml").write_text("\n".join(lines) + "\n")
+    models = "".join(
+        f'\n[[models]]\nname = "{m}"\npath = "{p}"\nmax_batch_size = {max_batch_size}\n'
+        for m, p in paths.items())
+    config = work / f"agent-b{max_batch_size}.toml"
+    config.write_text(
+        f'[agent]\nstate_dir = "{work / "state"}"\nprofile = "x86-64-cpu"\n'
+        f'profiles_dir = "{profiles_dir}"\nlog_level = "warning"\n\n'
+        f'[http]\nlisten = "127.0.0.1:{port}"\n{models}')
+    return config
+
+
+@dataclass
+class RunningAgent:
+    process: subprocess.Popen[bytes]
+    port: int
+    ready_s: float
+    log: Path
+
+
+def _ready(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def agent(work: Path, paths: dict[str, Path], max_batch_size: int) -> Iterator[RunningAgent]:
+    """Start the agent as a subprocess, wait until ready (timed), stop it on exit."""
+    port = _free_port()
+    config = write_config(work, paths, port, max_batch_size)
+    log = work / f"agent-b{max_batch_size}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAGENT_")}
+    with log.open("wb") as sink:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edgeagent", "run", "--config", str(config)],
+                                stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            while not _ready(port):
+                if proc.poll() is not None:
+                    raise SystemExit(f"the agent exited with {proc.returncode}:\n"
+                                     f"{log.read_text()[-3000:]}")
+                if time.perf_counter() - start > 60:
+                    raise SystemExit(f"the agent was not ready in 60 s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.005)
+            yield RunningAgent(proc, port, time.perf_counter() - start, log)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(True))
+    return round(total / 2**20, 1)
+
+
+def request_body(model: str, protocol: str) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol request for the model's batch-1 input, encoded once."""
+    name, shape, out = MODELS[model]
+    x = _input(model)
+    if protocol == "json":
+        body = {"inputs": [{"name": name, "shape": list(shape), "datatype": "FP32",
+                            "data": x.ravel().tolist()}],
+                "outputs": [{"name": out}]}
+        return json.dumps(body).encode(), {"Content-Type": "application/json"}
+    header = json.dumps({
+        "inputs": [{"name": name, "shape": list(shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes}}],
+        "outputs": [{"name": out, "parameters": {"binary_data": True}}],
+    }).encode()
+    return header + x.tobytes(), {"Content-Type": "application/octet-stream",
+                                  "Inference-Header-Content-Length": str(len(header))}
+
+
+def check_outputs(port: int, model: str, reference: np.ndarray) -> None:
+    """Ask once with tritonclient (JSON and binary) and compare with the in-process output."""
+    import tritonclient.http as triton
+
+    name, shape, out = MODELS[model]
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for binary in (False, True):
+            inp = triton.InferInput(name, list(shape), "FP32")
+            inp.set_data_from_numpy(_input(model), binary_data=binary)
+            got = client.infer(model, [inp], outputs=[
+                triton.InferRequestedOutput(out, binary_data=binary)]).as_numpy(out)
+            if got is None or not np.allclose(got, reference, rtol=1e-5, atol=1e-5):
+                raise SystemExit(f"{model}: the agent's output differs from in-process "
+                                 f"(binary={binary})")
+    finally:
+        client.close()
+
+
+def drive(port: int, model: str, protocol: str, concurrency: int, budget: Budget,
+          target: str) -> Case:
+    """Closed-loop load from ``concurrency`` greenlets, one keep-alive connection each."""
+    import gevent
+    from geventhttpclient import HTTPClient
+
+    body, headers = request_body(model, protocol)
+    path = f"/v2/models/{model}/infer"
+    client = HTTPClient("127.0.0.1", port, concurrency=concurrency, connection_timeout=10,
+                        network_timeout=120)
+
+    def call() -> None:
+        resp = client.request("POST", path, body=body, headers=headers)
+        payload = resp.read()
+        if resp.status_code != 200:
+            raise SystemExit(f"{model} {protocol}: HTTP {resp.status_code}: {payload[:300]!r}")
+
+    try:
+        lat, elapsed, cpu = _closed_loop(call, concurrency, budget, gevent.spawn,
+                                         lambda g: gevent.joinall(g, raise_error=True))
+    finally:
+        client.close()
+    case = Case(target, model, protocol, concurrency)
+    case.measured(lat, elapsed)
+    case.client_cpu_us = round(cpu / len(lat) * 1e6, 1)
+    return case
+
+
+def agent_stats(port: int) -> dict[str, dict[str, int]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/v2/models/stats")
+        stats = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return {m["name"]: {str(b["batch_size"]): b["compute_infer"]["count"]
+                        for b in m.get("batch_stats", [])}
+            for m in stats["model_stats"]}
+
+
+def _batch_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    delta = {k: n - before.get(k, 0) for k, n in after.items()}
+    return {k: n for k, n in sorted(delta.items(), key=lambda kv: int(kv[0])) if n}
+
+
+def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
+                  reference: dict[str, np.ndarray]) -> tuple[list[Case], dict[str, float]]:
+    cases: list[Case] = []
+    facts: dict[str, float] = {}
+    with agent(work, paths, max_batch_size=0) as running:
+        facts["ready_s"] = round(running.ready_s, 3)
+        facts["ready_rss_mb"] = rss_mb(running.process.pid)
+        time.sleep(2.0)  # settle: what an idle agent holds, both models loaded and warmed up
+        facts["idle_rss_mb"] = rss_mb(running.process.pid)
+        for model in paths:
+            check_outputs(running.port, model, reference[model])
+        for model in paths:
+            for protocol in ("binary", "json"):
+                for concurrency in (1, 4):
+                    case = drive(running.port, model, protocol, concurrency, budget, "agent")
+                    cases.append(case)
+                    _progress(case)
+        facts["after_load_rss_mb"] = rss_mb(running.process.pid)
+    with agent(work, paths, max_batch_size=8) as running:
+        for model in paths:
+            check_outputs(running.port, model, reference[model])
+            for protocol in ("binary", "json"):
+                before = agent_stats(running.port).get(model, {})
+                case = drive(running.port, model, protocol, 8, budget, "agent+batching")
+                case.batch_sizes = _batch_delta(before, agent_stats(running.port).get(model, {}))
+                cases.append(case)
+                _progress(case)
+    return cases, facts
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def add_ratios(cases: list[Case]) -> None:
+    best: dict[str, float] = {}
+    for c in cases:
+        if c.target == "in-process":
+            best[c.model] = max(best.get(c.model, 0.0), c.throughput)
+    for c in cases:
+        if c.target != "in-process":
+            c.ratio = round(c.throughput / best[c.model], 3)
+
+
+def targets(cases: list[Case], facts: dict[str, float]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figure measured here and whether it is met."""
+    def find(model: str, protocol: str, concurrency: int) -> Case:
+        return next(c for c in cases if c.target == "agent" and c.model == model
+                    and c.protocol == protocol and c.concurrency == concurrency)
+
+    cnn_bin, cnn_json = find("cnn", "binary", 1), find("cnn", "json", 1)
+    mlp_c4 = max((find("mlp", p, 4) for p in ("binary", "json")), key=lambda c: c.throughput)
+    rows = [
+        ("CNN, binary, c1: >= 0.85x in-process", cnn_bin.ratio or 0.0, 0.85, ">="),
+        ("CNN, JSON, c1: >= 2x MLServer (2 x 29/s)", cnn_json.throughput,
+         2 * REFERENCE["mlserver cnn json"], ">="),
+        (f"MLP, c4 ({mlp_c4.protocol}): >= 3x KServe (3 x 985/s)", mlp_c4.throughput,
+         3 * REFERENCE["kserve mlp c4"], ">="),
+        ("idle RSS, both models loaded: < 120 MB", facts["idle_rss_mb"], 120.0, "<"),
+        ("time to ready: < 1 s", facts["ready_s"], 1.0, "<"),
+    ]
+    out = []
+    for name, value, bound, op in rows:
+        met = value >= bound if op == ">=" else value < bound
+        out.append({"target": name, "measured": value, "bound": bound, "met": met})
+    return out
+
+
+def _progress(case: Case) -> None:
+    print(f"  {case.target:15} {case.model:4} {case.protocol:6} c{case.concurrency}: "
+          f"{case.throughput:10.1f}/s", file=sys.stderr, flush=True)
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print(f"\nedgeagent benchmark ({result['machine']['cpus']} CPUs, onnxruntime "
+          f"{result['machine']['onnxruntime']}, {THREADS} intra-op threads, "
+          f"{result['budget']['seconds']} s per case)\n")
+    print(f"{'target':16}{'model':6}{'proto':8}{'conc':>5}{'inf/s':>11}{'p50 ms':>9}"
+          f"{'p99 ms':>9}{'x in-proc':>10}{'client us':>10}  batches")
+    for c in result["cases"]:
+        ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
+        client = f"{c['client_cpu_us']:.0f}" if c["client_cpu_us"] is not None else "-"
+        batches = " ".join(f"{k}:{n}" for k, n in c["batch_sizes"].items())
+        print(f"{c['target']:16}{c['model']:6}{c['protocol']:8}{c['concurrency']:>5}"
+              f"{c['throughput']:>11.1f}{c['p50_ms']:>9.2f}{c['p99_ms']:>9.2f}{ratio:>10}"
+              f"{client:>10}  {batches}")
+    a = result["agent"]
+    print(f"\nagent: ready in {a['ready_s']:.3f} s; RSS {a['ready_rss_mb']} MB at ready, "
+          f"{a['idle_rss_mb']} MB idle, {a['after_load_rss_mb']} MB after the load")
+    print("\ntargets:")
+    for t in result["targets"]:
+        print(f"  [{'met ' if t['met'] else 'MISS'}] {t['target']}: measured {t['measured']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 s per case instead of 4")
+    parser.add_argument("--seconds", type=float, help="measured seconds per case")
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    budget = Budget(warmup_s=min(1.0, seconds / 3), seconds=seconds)
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
+        work = Path(tmp)
+        paths = {"mlp": mlp(work / "mlp.onnx"), "cnn": cnn(work / "cnn.onnx")}
+        print(f"models: mlp, cnn ({cnn_macs() / 1e9:.2f} GMAC/image); in-process...",
+              file=sys.stderr)
+        cases, reference = in_process(paths, budget)
+        print("through the agent...", file=sys.stderr)
+        agent_cases, facts = through_agent(work, paths, budget, reference)
+    cases += agent_cases
+    add_ratios(cases)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                    "load_avg_at_end": os.getloadavg()},
+        "budget": asdict(budget),
+        "cases": [asdict(c) for c in cases],
+        "agent": facts,
+        "targets": targets(cases, facts),
+        "reference": REFERENCE,
+    }
+    print_report(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
