@@ -95,6 +95,8 @@ class LoadedModel(abc.ABC):
     provider: str
     #: Every provider tried, in order, with why the ones before ``provider`` failed.
     attempts: list[ProviderAttempt]
+    #: Precision read from the loaded graph when the runtime can tell (LiteRT); None otherwise.
+    weight_precision: str | None = None
 
     @abc.abstractmethod
     def run(

@@ -101,6 +101,20 @@ def _spec(detail: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(name, datatype, shape, quantization)
 
 
+def _weight_precision(details: Sequence[Mapping[str, Any]]) -> str:
+    """fp16 when the graph stores float16 tensors (weights dequantised at load), int8 when it
+    holds quantised integer tensors, fp32 otherwise."""
+    dtypes = {np.dtype(d["dtype"]) for d in details}
+    if np.dtype(np.float16) in dtypes:
+        return "fp16"
+    quantised = any(
+        np.dtype(d["dtype"]) in (np.dtype(np.int8), np.dtype(np.uint8))
+        and len(d.get("quantization_parameters", {}).get("scales", ())) > 0
+        for d in details
+    )
+    return "int8" if quantised else "fp32"
+
+
 class LiteRTModel(LoadedModel):
     """A model in a LiteRT interpreter; ``run`` is serialised (interpreters are not thread-safe)."""
 
@@ -120,6 +134,7 @@ class LiteRTModel(LoadedModel):
         # The shapes the interpreter is allocated for; a request with other (dynamic) sizes
         # resizes the inputs and reallocates.
         self._allocated = {str(d["name"]): tuple(int(s) for s in d["shape"]) for d in in_details}
+        self.weight_precision = _weight_precision(interpreter.get_tensor_details())
 
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None

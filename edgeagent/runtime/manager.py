@@ -386,9 +386,8 @@ class ModelManager:
 
 def _tflite_precision(model: LoadedModel) -> tuple[str, str]:
     """Precision of a TFLite model from what its interpreter reports."""
-    hint = getattr(model, "weight_precision", None)
-    if isinstance(hint, str) and hint in PRECISIONS:
-        return hint, "from the interpreter's tensor types"
+    if model.weight_precision in PRECISIONS:
+        return model.weight_precision, "from the interpreter's tensor types"
     if any(s.quantization is not None for s in (*model.inputs, *model.outputs)):
         return "int8", "quantised inputs/outputs"
     return "fp32", "float inputs/outputs"

@@ -174,3 +174,37 @@ def test_console_entry_point(fp32: dict[str, tuple[Path, Path]], tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr.startswith("edgeconvert: error: ")
     assert "Traceback" not in done.stderr
+
+
+def loaded_precision(path: Path) -> str:
+    """Load a variant through the agent's model manager and return the precision it reports."""
+    import asyncio
+
+    from edgeagent.device.plan import ProviderPlan
+    from edgeagent.runtime.manager import ModelManager, ModelSource
+    from edgeagent.runtime.registry import BackendRegistry
+
+    async def load() -> str:
+        manager = ModelManager(BackendRegistry(), lambda f, p, s: ProviderPlan(f, p, (), threads=1))
+        try:
+            mv = await manager.load("variant", ModelSource(path))
+            return mv.precision
+        finally:
+            await manager.close()
+
+    return asyncio.run(load())
+
+
+def test_variants_run_in_the_agent_with_their_precision(
+        fp32: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    reference, samples = fp32["cnn"]
+    variants = {
+        "fp32": reference,
+        "int8": quantize_onnx(reference, tmp_path / "dyn.onnx"),
+        "int8-qdq": quantize_onnx(reference, tmp_path / "qdq.onnx", calibration=samples,
+                                  quant_format="qdq"),
+        "fp16": convert_fp16(reference, tmp_path / "fp16.onnx"),
+        "fp16-io32": convert_fp16(reference, tmp_path / "fp16io.onnx", keep_io_types=True),
+    }
+    for label, path in variants.items():
+        assert loaded_precision(path) == label.split("-")[0], label

@@ -75,3 +75,9 @@ def test_keras_to_tflite_variants(
     meta = json.loads((tmp_path / "checks.json").read_text())
     assert meta["inputs"][0]["name"] == "input"
     assert set(meta["variant_tolerances"]) == {"mlp.fp16.tflite", "mlp.int8.tflite"}
+
+    # Each variant runs in the agent's own runtime and reports the precision it really has.
+    from tests.converters.test_onnx_variants import loaded_precision
+
+    for path, precision in ((fp32, "fp32"), (fp16, "fp16"), (int8, "int8")):
+        assert loaded_precision(path) == precision, path.name
