@@ -128,7 +128,7 @@ class HubFetcher(FetcherInterface):
                     raise HubError(f"{url}: the server does not resume (no Range support)")
                 if response.status_code not in (200, 206):
                     raise HubError(f"{url}: HTTP {response.status_code}")
-                _write(response.iter_bytes(_CHUNK), partial, digest, have, length, progress)
+                _write(response.iter_bytes(), partial, digest, have, length, progress)
         except httpx.HTTPError as exc:
             raise HubError(f"{url}: {type(exc).__name__}: {exc}") from exc
 

@@ -96,6 +96,7 @@ class HubSync:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._failures = 0
+        self._tried: dict[str, int] = {}  # requests handed to the load endpoint
         self.status = SyncStatus()
 
     def _step(self, name: str) -> None:
@@ -128,6 +129,8 @@ class HubSync:
             candidates.append(section.version)
         for version in candidates:
             if version is not None and version in installed:
+                if version == state.requested and serving:
+                    self._tried[name] = version
                 return self.source(self.store.installed(name, version))
         self._wake.set()
         raise ModelNotReady(f"model {name!r} is not in the store yet; the hub sync is pulling it")
@@ -268,12 +271,12 @@ class HubSync:
         if served.source.origin != "hub":
             return
         state = self.store.model_state(name)
+        tried = self._tried.pop(name, None)
         if state.active != served.version:
             self._record_active(name, served.version)
-        elif state.requested is not None and state.requested != served.version:
-            # The request was tried through the load endpoint and did not take.
-            slot_error = self.manager.slot(name).last_error
-            state.failed[state.requested] = slot_error or "did not activate"
+        elif tried is not None and tried == state.requested and tried != served.version:
+            # The request went through the load endpoint and did not take.
+            state.failed[tried] = self.manager.slot(name).last_error or "did not activate"
             state.requested = None
             self.store.update_state(name, state)
 
