@@ -13,10 +13,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -27,10 +27,15 @@ from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.runtime.manager import ModelManager
+from edgeagent.hub.sync import HubSync, profile_chooser
+from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.repository import ModelRepository
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
+from edgeagent.service.reload import ReloadPlan, plan_reload
+
+if TYPE_CHECKING:
+    from edgeagent.control.link import FleetLink
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,8 @@ class Agent:
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._draining = False
+        self.hub: HubSync | None = None
+        self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
         self.services = Services(config, self.manager, self.scheduler, self.repository, self.token,
                                  self.status, lambda: self._draining)
@@ -133,15 +140,24 @@ class Agent:
         self.profile = select_profile(profiles, self.facts, forced)
         log.info("device profile %s: %s", self.profile.profile.name, self.profile.reason)
         models = self._models()
+        if self.config.hub.url:
+            # Hub models are served from the store at once; the sync pulls what is missing.
+            self.hub = HubSync(self.config.hub, models, self.state_dir, self.manager,
+                               profile_chooser(self.profile.profile, self.facts))
+            self.repository.set_hub_resolver(self.hub.resolve)
         self.repository.configure(models)
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
         await self.load_models()
+        if self.hub is not None:
+            await self.hub.start()
         await self._start_http()
+        await self._start_mqtt()  # last: the fleet sees the agent once it serves
         log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
                  self.config.http.listen)
 
-    async def load_models(self) -> None:
-        for name in self.repository.names():
+    async def load_models(self, names: Iterable[str] | None = None) -> None:
+        """Load the named known models (default all); a failure is logged, never raised."""
+        for name in self.repository.names() if names is None else names:
             try:
                 await self.repository.load(name)
             except EdgeAgentError as exc:
@@ -185,8 +201,69 @@ class Agent:
             os.chmod(kwargs["uds"], 0o660)
         self._server_task = asyncio.create_task(self._server.main_loop(), name="http-main-loop")
 
+    async def reload(self, config: AgentConfig) -> ReloadPlan:
+        """Apply what can change live from a newly read configuration (SIGHUP).
+
+        Models added are loaded, removed ones unloaded, changed ones reloaded (the old version
+        serves until the new one is ready), limits applied; the rest waits for a restart and is
+        listed in the returned plan (see :mod:`edgeagent.service.reload`).
+        """
+        plan = plan_reload(self.config, config)
+        self.config = self.services.config = plan.config
+        if self._server is not None:
+            self._server.config.timeout_graceful_shutdown = config.agent.shutdown_grace_s
+        models = self._models()
+        self.repository.configure(models)
+        self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
+        for name in plan.unload:
+            await self.manager.unload(name)
+            self.manager.forget(name)
+        await self.load_models(plan.load)
+        return plan
+
+    async def _start_mqtt(self) -> None:
+        from edgeagent.control.deploy import CatalogDeployer, HubDeployer
+        from edgeagent.control.link import FleetLink
+        from edgeagent.telemetry.reporter import ModelFigures
+        from edgeagent.telemetry.system import SystemSampler
+
+        async def catalog(name: str) -> dict[int, ModelSource]:
+            source = await self.repository.source_for(name)
+            return {source.version: source}
+
+        deployer = (CatalogDeployer(self.manager, catalog) if self.hub is None
+                    else HubDeployer(self.manager, catalog, self.hub))
+        self.fleet = FleetLink(
+            self.config, self.device_id, self.state_dir, __version__,
+            SystemSampler(self.root, disk_path=self.state_dir),
+            ModelFigures(self.scheduler.all_stats, self.manager.status), self._reported,
+            deployer, self._reload_command)
+        await self.fleet.start()
+
+    def _reported(self) -> dict[str, Any]:
+        status = self.status()
+        return {"facts": self.facts.to_dict() if self.facts else None,
+                "profile": status["profile"], "hub": status["hub"],
+                "models": {m["name"]: {k: m.get(k) for k in (
+                    "state", "version", "variant", "format", "precision", "provider",
+                    "fallback", "last_error")} for m in status["models"]}}
+
+    async def _reload_command(self) -> dict[str, Any]:
+        """The MQTT ``reload-config`` command: re-read the file, apply what can change live."""
+        from edgeagent.config import load_config
+
+        source = self.config.source
+        config = load_config(source if source != "embedded defaults" else None, self.env)
+        plan = await self.reload(config)
+        return {"summary": plan.summary(), "loaded": list(plan.load),
+                "unloaded": list(plan.unload), "restart_keys": list(plan.restart_keys)}
+
     async def stop(self) -> None:
-        """Stop in reverse order: HTTP (draining requests in flight), then models."""
+        """Stop in reverse order: MQTT (telemetry flushed to the spool, ``stopped`` published),
+        HTTP (draining requests in flight), then models."""
+        if self.fleet is not None:
+            await self.fleet.stop()
+            self.fleet = None
         self._draining = True
         grace = self.config.agent.shutdown_grace_s
         if self._server is not None:
@@ -195,6 +272,8 @@ class Agent:
                 await self._server_task
             await self._server.shutdown()
             self._server = None
+        if self.hub is not None:
+            await self.hub.stop()
         await self.manager.close(grace)
         log.info("stopped")
 
@@ -215,8 +294,8 @@ class Agent:
             "http": {"listen": self.config.http.listen, "token": self.token is not None},
             "backends": self.registry.status(),
             "models": self.manager.status(),
-            "hub": {"configured": bool(self.config.hub.url)},
-            "mqtt": {"configured": bool(self.config.mqtt.url)},
+            "hub": self.hub.describe() if self.hub else {"configured": bool(self.config.hub.url)},
+            "mqtt": self.fleet.status() if self.fleet else {"configured": bool(self.config.mqtt.url)},
         }
 
 

@@ -1,0 +1,168 @@
+"""The agent's MQTT side in one lifecycle: telemetry and reported state out, desired state and
+commands in (DESIGN 3.5). Built and started by the composition root, after everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from edgeagent.config import AgentConfig
+from edgeagent.control.commands import Action, CommandHandler, model_argument
+from edgeagent.control.desired import Deployer, Reconciler
+from edgeagent.errors import BrokerError
+from edgeagent.telemetry.mqtt import BrokerSettings, Message, MqttClient
+from edgeagent.telemetry.reporter import ModelFigures, Reporter, dumps, presence_will
+from edgeagent.telemetry.spool import Spool
+from edgeagent.telemetry.system import SystemSampler
+from edgeagent.telemetry.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class FleetLink:
+    """Telemetry, presence, reported state, desired state and commands for one device.
+
+    Args:
+        config: The agent configuration (``[mqtt]``, ``[agent] tags``).
+        device_id: This device's id (a topic level).
+        state_dir: Where the spool and the control state live.
+        version: The agent's version.
+        system: System figures sampler.
+        models: Per-model figures.
+        reported: The agent's part of the reported state (facts, profile, models, hub).
+        deployer: Activates model versions for desired state and rollbacks.
+        reload_config: Re-reads the configuration (the ``reload-config`` command).
+        backoff: Reconnection delays (smallest, largest) in seconds.
+    """
+
+    def __init__(self, config: AgentConfig, device_id: str, state_dir: Path, version: str,
+                 system: SystemSampler, models: ModelFigures,
+                 reported: Callable[[], dict[str, Any]], deployer: Deployer,
+                 reload_config: Callable[[], Awaitable[dict[str, Any]]],
+                 backoff: tuple[float, float] = (0.5, 30.0)) -> None:
+        m = config.mqtt
+        self.topics = Topics(m.topic_prefix, device_id)
+        self.groups = config.agent.tags
+        self.version = version
+        self._reported = reported
+        self._system = system
+        self._models = models
+        self.deployer = deployer
+        self.spool = Spool(state_dir / "telemetry" / "spool.sqlite3", m.spool_max_messages,
+                           m.spool_max_bytes)
+        self.client: MqttClient | None = None
+        if m.url:
+            settings = BrokerSettings.from_section(m, client_id=f"edgeagent-{device_id}")
+            self.client = MqttClient(settings, will=presence_will(self.topics, version),
+                                     on_connect=self._on_connect, backoff=backoff)
+        self.reporter = Reporter(self.client, self.spool, self.topics, m.telemetry_interval_s,
+                                 self._telemetry, self._reported_state, version)
+        self.reconciler = Reconciler(deployer, self.groups, state_dir / "control" / "desired.json")
+        actions: dict[str, Action] = {
+            "ping": self._ping, "sync": self._sync, "rollback": self._rollback,
+            "reload-config": lambda _doc: reload_config(),
+        }
+        self.commands = CommandHandler(actions, state_dir / "control" / "commands.json")
+        self._work: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start telemetry and (when a broker is configured) the connection; returns at once."""
+        await self.reporter.start()
+        if self.client is not None:
+            self.client.subscribe(self.topics.desired, self._on_desired)
+            for group in self.groups:
+                self.client.subscribe(self.topics.group_desired(group), self._on_desired)
+            self.client.subscribe(self.topics.commands, self._on_command)
+            await self.client.start()
+
+    async def stop(self) -> None:
+        """Spool the last telemetry, publish ``stopped``, disconnect cleanly."""
+        for task in list(self._work):
+            task.cancel()
+        await asyncio.gather(*self._work, return_exceptions=True)
+        await self.reporter.stop()
+        if self.client is not None:
+            await self.client.stop()
+        self.spool.close()
+
+    def status(self) -> dict[str, Any]:
+        """The MQTT part of ``edgeagent status``."""
+        out: dict[str, Any] = {"configured": self.client is not None,
+                               "spool": self.spool.stats().to_dict(),
+                               "desired": self.reconciler.report()}
+        if self.client is not None:
+            out.update(self.client.status())
+        return out
+
+    # ---- out -----------------------------------------------------------------------------
+
+    def _telemetry(self) -> dict[str, Any]:
+        return {"system": self._system.sample(), "models": self._models.sample()}
+
+    def _reported_state(self) -> dict[str, Any]:
+        return {**self._reported(), "device_id": self.topics.device_id, "version": self.version,
+                "tags": list(self.groups), "desired": self.reconciler.report()}
+
+    async def _on_connect(self) -> None:
+        await self.reporter.on_connect()
+
+    async def _report(self) -> None:
+        try:
+            await self.reporter.publish_reported()
+        except BrokerError as exc:
+            log.debug("reported state not sent: %s", exc)
+
+    # ---- in ------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        # Reconciling loads models (seconds): run it aside so commands keep being answered.
+        task = asyncio.ensure_future(coro)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    async def _on_desired(self, msg: Message) -> None:
+        if msg.topic == self.topics.desired:
+            source = "device"
+        else:
+            group = msg.topic[len(self.topics.prefix) + len("/groups/"):-len("/desired")]
+            source = f"group:{group}"
+
+        async def run() -> None:
+            await self.reconciler.receive(source, msg.payload)
+            await self._report()
+
+        self._spawn(run())
+
+    async def _on_command(self, msg: Message) -> None:
+        request_id = msg.topic.rsplit("/", 1)[1]
+
+        async def run() -> None:
+            result = await self.commands.handle(request_id, msg.payload)
+            if result is None or self.client is None:
+                return
+            try:
+                await self.client.publish(self.topics.result(request_id), dumps(result))
+            except BrokerError as exc:
+                log.warning("result of command %s not sent: %s", request_id, exc)
+            await self._report()
+
+        self._spawn(run())
+
+    async def _ping(self, _doc: Any) -> dict[str, Any]:
+        return {"pong": True, "version": self.version}
+
+    async def _sync(self, _doc: Any) -> dict[str, Any]:
+        await self.deployer.sync()
+        outcome = await self.reconciler.reconcile(force=True)
+        return {"desired": (outcome or self.reconciler.outcome).to_dict()}
+
+    async def _rollback(self, doc: Any) -> dict[str, Any]:
+        name = model_argument(doc)
+        version = await self.deployer.rollback(name)
+        return {"model": name, "version": version}
