@@ -304,9 +304,13 @@ class HubSync:
 
     # ---- the poll loop ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Sweep the store and start polling the hub (returns at once)."""
+    async def store_ready(self) -> None:
+        """Sweep what an interrupted run left in the store (before anything loads from it)."""
         await self._run(self.store.recover)
+
+    async def start(self) -> None:
+        """Start polling the hub (returns at once)."""
+        await self.store_ready()
         self._task = asyncio.create_task(self._loop(), name="hub-sync")
 
     async def stop(self) -> None:
