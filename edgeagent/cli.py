@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,23 +28,28 @@ def _load(args: argparse.Namespace) -> AgentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgeagent.app import Agent, run_agent
+    from edgeagent.app import Agent
+    from edgeagent.service.lifecycle import Service
+    from edgeagent.service.logs import setup_logging
+    from edgeagent.service.notify import Notifier
+
+    def apply_logging(config: AgentConfig) -> None:
+        # Command-line options win over the file, on start and on every reload.
+        setup_logging(args.log_level or config.agent.log_level,
+                      args.log_format or config.agent.log_format, os.environ)
 
     config = _load(args)
-    logging.basicConfig(
-        level=(args.log_level or config.agent.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    apply_logging(config)
     agent = Agent(config, os.environ)
+    service = Service(agent, Notifier(os.environ), lambda: _load(args), apply_logging, os.environ)
+    asyncio.run(service.run())
+    return 0
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run_agent(agent, stop)
 
-    asyncio.run(main())
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from edgeagent.service.unit import install_service
+
+    install_service(Path(args.prefix), args.user, args.dry_run, sys.stdout)
     return 0
 
 
@@ -137,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the agent in the foreground (what systemd runs)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "text", "json"],
+                   help="auto: journald-friendly under systemd, text on a terminal")
+    p = sub.add_parser("install-service", help="write the systemd unit and a starting config",
+                       description="Write /etc/systemd/system/edgeagent.service and (unless one "
+                                   "exists) /etc/edgeagent/agent.toml; create the service user.")
+    p.set_defaults(func=cmd_install_service)
+    p.add_argument("--user", default="edgeagent", help="the user the service runs as")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written")
+    p.add_argument("--prefix", default="/",
+                   help="root of the paths written (for tests and images); skips user creation")
     add("check-config", cmd_check_config, "validate a configuration file")
     p = add("probe", cmd_probe, "show device facts, the chosen profile and the provider plans")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -144,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="force a device profile by name")
     p = add("status", cmd_status, "ask the running agent for its state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from edgeagent.control.fleet import add_fleet_parser
+
+    add_fleet_parser(sub, "configuration file for [mqtt] credentials (default "
+                          "/etc/edgeagent/agent.toml, or $EDGEAGENT_CONFIG)")
     return parser
 
 
