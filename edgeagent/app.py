@@ -211,7 +211,9 @@ class Agent:
         plan = plan_reload(self.config, config)
         self.config = self.services.config = plan.config
         if self._server is not None:
-            self._server.config.timeout_graceful_shutdown = config.agent.shutdown_grace_s
+            # uvicorn annotates int, but hands the value to asyncio.wait_for (a float is fine).
+            grace: Any = config.agent.shutdown_grace_s
+            self._server.config.timeout_graceful_shutdown = grace
         models = self._models()
         self.repository.configure(models)
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
