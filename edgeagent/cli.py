@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="force a device profile by name")
     p = add("status", cmd_status, "ask the running agent for its state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from edgeagent.hub.commands import add_hub_commands
+
+    add_hub_commands(add)
+    from edgeagent.control.fleet import add_fleet_parser
+
+    add_fleet_parser(sub, "configuration file for [mqtt] credentials (default "
+                          "/etc/edgeagent/agent.toml, or $EDGEAGENT_CONFIG)")
     return parser
 
 
