@@ -319,6 +319,10 @@ class HubSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.close()
+
+    def close(self) -> None:
+        """Release the transfers (blocking use, without :meth:`start`)."""
         self._pool.shutdown(wait=True)
         self._fetcher.close()
 
