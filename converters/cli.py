@@ -15,13 +15,13 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 
-from . import fp16, quantize, tflite, validate
+from . import fp16, hub, publish, quantize, tflite, validate
 from .errors import ConvertError
 
 log = logging.getLogger("edgeconvert")
 
 #: The subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES = (quantize, fp16, tflite, validate)
+COMMAND_MODULES = (quantize, fp16, tflite, validate, hub, publish)
 
 
 def build_parser() -> argparse.ArgumentParser:
