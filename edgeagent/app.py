@@ -299,12 +299,3 @@ class Agent:
             "hub": self.hub.describe() if self.hub else {"configured": bool(self.config.hub.url)},
             "mqtt": self.fleet.status() if self.fleet else {"configured": bool(self.config.mqtt.url)},
         }
-
-
-async def run_agent(agent: Agent, stop: asyncio.Event) -> None:
-    """Start the agent, wait for ``stop``, stop the agent."""
-    try:
-        await agent.start()
-        await stop.wait()
-    finally:
-        await agent.stop()
