@@ -26,7 +26,7 @@ from edgeagent.errors import EdgeAgentError, HubError, ModelNotReady
 from edgeagent.hub.bundle import Bundle, Variant, bundle_path, read_checks
 from edgeagent.hub.client import HubClient, HubIndex, HubUnreachable, MetadataExpired
 from edgeagent.hub.fetcher import HubFetcher, Progress
-from edgeagent.hub.store import Installed, ModelState, ModelStore
+from edgeagent.hub.store import Installed, ModelStore
 from edgeagent.runtime.manager import ModelManager, ModelSource
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from edgeconvert.hub import Hub
+
 from tests.hub.hubserver import HubServer
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeconvert.hub import Hub
+from edgeconvert.publish import publish
 
 from edgeagent.config import HubSection, ModelSection
 from edgeagent.device.plan import PlannedProvider, ProviderPlan
@@ -13,8 +15,6 @@ from edgeagent.hub.bundle import Variant
 from edgeagent.hub.sync import HubSync, StepHook
 from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.registry import BackendRegistry
-from edgeconvert.hub import Hub
-from edgeconvert.publish import publish
 from tests import onnx_models
 
 SAMPLE = np.random.default_rng(7).standard_normal((2, 1, 4)).astype(np.float32)

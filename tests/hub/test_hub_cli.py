@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from edgeagent.cli import main as edgeagent_main
 from edgeconvert.cli import main as edgeconvert_main
 from edgeconvert.hub import Hub
+
+from edgeagent.cli import main as edgeagent_main
 from tests import onnx_models
 from tests.hub.helpers import release
 from tests.hub.hubserver import HubServer

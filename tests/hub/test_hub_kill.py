@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from edgeconvert.hub import Hub
+
 from tests.hub.helpers import release
 from tests.hub.hubserver import HubServer
 
