@@ -236,11 +236,10 @@ class MqttClient:
         v5 = s.protocol == "5"
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
                              protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-                             clean_session=None if v5 else True,
-                             # Reconnection is ours (with jitter, and a fresh session each
-                             # time); see the module doc.
-                             reconnect_on_failure=False)
+                             clean_session=None if v5 else True)
         client.connect_timeout = CONNECT_TIMEOUT_S
+        # Reconnection is ours (with jitter, and a fresh session each time); see the module doc.
+        client.reconnect_on_failure = False
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
