@@ -10,6 +10,7 @@ comes back after every retained message.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -60,7 +61,7 @@ def parse_waves(text: str) -> list[float]:
         waves = [float(p.strip().rstrip("%")) / 100 for p in text.split(",")]
     except ValueError as exc:
         raise FleetError(f"--waves: expected percentages like 5%,25%,100%, got {text!r}") from exc
-    if not waves or any(b <= a for a, b in zip(waves, waves[1:])) or waves[-1] != 1.0 \
+    if not waves or any(b <= a for a, b in itertools.pairwise(waves)) or waves[-1] != 1.0 \
             or waves[0] <= 0:
         raise FleetError(f"--waves: expected increasing percentages ending at 100%, got {text!r}")
     return waves

@@ -39,7 +39,7 @@ class FleetLink:
         backoff: Reconnection delays (smallest, largest) in seconds.
     """
 
-    def __init__(self, config: AgentConfig, device_id: str, state_dir: Path, version: str,
+    def __init__(self, config: AgentConfig, device_id: str, state_dir: Path, *, version: str,
                  system: SystemSampler, models: ModelFigures,
                  reported: Callable[[], dict[str, Any]], deployer: Deployer,
                  reload_config: Callable[[], Awaitable[dict[str, Any]]],
@@ -59,8 +59,9 @@ class FleetLink:
             settings = BrokerSettings.from_section(m, client_id=f"edgeagent-{device_id}")
             self.client = MqttClient(settings, will=presence_will(self.topics, version),
                                      on_connect=self._on_connect, backoff=backoff)
-        self.reporter = Reporter(self.client, self.spool, self.topics, m.telemetry_interval_s,
-                                 self._telemetry, self._reported_state, version)
+        self.reporter = Reporter(self.client, self.spool, self.topics,
+                                 interval_s=m.telemetry_interval_s, telemetry=self._telemetry,
+                                 reported=self._reported_state, version=version)
         self.reconciler = Reconciler(deployer, self.groups, state_dir / "control" / "desired.json")
         actions: dict[str, Action] = {
             "ping": self._ping, "sync": self._sync, "rollback": self._rollback,

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent.config import MqttSection
@@ -123,21 +124,38 @@ def _tls_context(m: MqttSection) -> ssl.SSLContext:
     return ctx
 
 
-def describe_connect_error(exc: OSError, address: str) -> str:
-    """One line saying why a TCP/TLS connect failed and what to check."""
+def closed_during_connect(tls: bool, detail: str = "") -> str:
+    """Why the broker dropped a connection before its CONNACK, with what to check.
+
+    Over TLS this is what a rejected client certificate looks like from the client's side
+    (with TLS 1.3 the handshake completes first, then the broker closes), so say so.
+    """
+    where = f" ({detail})" if detail else ""
+    if tls:
+        return (f"the broker closed the connection during connect{where}: certificate "
+                "rejected, or TLS settings wrong? check mqtt.ca_file / cert_file / key_file")
+    return (f"the broker closed the connection during connect{where}: is it an MQTT broker, "
+            "and does it speak mqtt.protocol?")
+
+
+def describe_connect_error(exc: OSError, address: str, tls: bool = False) -> str:
+    """One line saying why a TCP/TLS connect (up to sending CONNECT) failed and what to check."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"the broker's certificate is not trusted ({exc.verify_message}); "
                 "check mqtt.ca_file and the host name in mqtt.url")
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        if "CERTIFICATE" in reason.upper():
-            return (f"TLS handshake failed ({reason}): the broker rejected the client "
-                    "certificate; check mqtt.cert_file and mqtt.key_file")
-        return f"TLS handshake failed ({reason})"
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused: is a broker listening on {address}?"
     if isinstance(exc, TimeoutError):
         return f"no answer from {address} within {CONNECT_TIMEOUT_S:.0f} s"
+    # ssl sets .reason on the errors it raises; one built elsewhere may lack it.
+    reason = (getattr(exc, "reason", None) or str(exc)) if isinstance(exc, ssl.SSLError) else ""
+    # An alert about a certificate, or the broker hanging up mid-handshake, is a rejection.
+    if isinstance(exc, ssl.SSLError) and "CERTIFICATE" not in reason.upper() and not isinstance(
+            exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return f"TLS handshake failed ({reason}); check mqtt.ca_file / cert_file / key_file"
+    if isinstance(exc, ssl.SSLError | ConnectionError):  # reset, broken pipe, lost at CONNECT
+        detail = f"TLS: {reason}" if reason else str(exc)
+        return closed_during_connect(tls or isinstance(exc, ssl.SSLError), detail)
     return f"cannot connect to {address}: {exc.strerror or exc}"
 
 
@@ -222,7 +240,10 @@ class MqttClient:
                        asyncio.create_task(self._dispatch(), name="mqtt-dispatch")]
 
     async def stop(self) -> None:
-        """Disconnect cleanly (so the broker does not publish the will) and stop."""
+        """Disconnect cleanly (so the broker does not publish the will) and stop.
+
+        Returns once paho's network thread has ended, so no callback outlives the event loop.
+        """
         self._stop.set()
         if self._tasks:
             await self._tasks[0]
@@ -234,48 +255,36 @@ class MqttClient:
     def _make_client(self) -> paho.Client:
         s = self.settings
         v5 = s.protocol == "5"
+        # Reconnection is ours (with jitter, and a fresh client and session each time; see the
+        # module doc). paho 2 reads reconnect_on_failure in the constructor only: left on, its
+        # thread could reconnect the old client (same client id) while we start a new one.
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
                              protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-                             clean_session=None if v5 else True)
+                             clean_session=None if v5 else True, reconnect_on_failure=False)
         client.connect_timeout = CONNECT_TIMEOUT_S
-        # Reconnection is ours (with jitter, and a fresh session each time); see the module doc.
-        client.reconnect_on_failure = False
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
             client.tls_set_context(s.tls)
         if self.will is not None:
             client.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
-        loop = self._loop
-        assert loop is not None
-        client.on_connect = lambda c, _u, _f, rc, _p: loop.call_soon_threadsafe(self._connack, c, rc)
-        client.on_disconnect = lambda c, _u, _f, rc, _p: loop.call_soon_threadsafe(self._ended, c, rc)
-        client.on_publish = lambda c, _u, mid, rc, _p: loop.call_soon_threadsafe(self._puback, c, mid, rc)
-        client.on_message = lambda _c, _u, msg: loop.call_soon_threadsafe(
-            self._inbox.put_nowait, Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_publish = self._paho_publish
+        client.on_message = self._paho_message
         return client
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         delay = self._backoff[0]
         while not self._stop.is_set():
-            session = _Session(self._make_client(), loop.create_future())
+            session = _Session(self._make_client(), asyncio.get_running_loop().create_future())
             self._session = session
             try:
-                await loop.run_in_executor(None, self._connect_blocking, session.client)
-            except OSError as exc:
-                self.last_error = describe_connect_error(exc, self.settings.address)
-            else:
-                session.client.loop_start()
-                stopping = asyncio.ensure_future(self._stop.wait())
-                await asyncio.wait({session.ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if not session.ended.done():
-                    session.client.disconnect()  # a clean DISCONNECT: no last will
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(session.ended), 5.0)
-                await loop.run_in_executor(None, session.client.loop_stop)
-            self._close_session(session, "the connection closed before the broker acknowledged")
+                await self._serve(session)
+            finally:
+                # Also when cancelled (a loop shut down without stop()): paho's thread is
+                # joined before the loop can close.
+                await self._release(session)
             if session.acked:
                 delay = self._backoff[0]
             if self._stop.is_set():
@@ -287,11 +296,43 @@ class MqttClient:
                 await asyncio.wait_for(self._stop.wait(), wait)
             delay = min(delay * 2, self._backoff[1])
 
+    async def _serve(self, session: _Session) -> None:
+        """Connect, then wait until the connection ends or stop() is asked for."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._connect_blocking, session.client)
+        except OSError as exc:
+            self.last_error = describe_connect_error(exc, self.settings.address,
+                                                     self.settings.tls is not None)
+            return
+        session.client.loop_start()
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({session.ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not session.ended.done():
+            session.client.disconnect()  # a clean DISCONNECT: no last will
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(session.ended), 5.0)
+
+    async def _release(self, session: _Session) -> None:
+        """Join paho's thread (it ends by itself once disconnected), then drop the session."""
+        join = asyncio.get_running_loop().run_in_executor(None, session.client.loop_stop)
+        try:
+            # Shielded: a second cancellation must not skip the join (asyncio.run waits for
+            # the executor before closing the loop).
+            await asyncio.shield(join)
+        finally:
+            self._close_session(session, "the connection closed before the broker acknowledged")
+
     def _connect_blocking(self, client: paho.Client) -> None:
         s = self.settings
         rc = client.connect(s.host, s.port, s.keepalive_s)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise OSError(f"connect failed: {paho.error_string(rc)}")
+            # The CONNECT could not be sent: the broker hung up right after accepting the
+            # socket (or the TLS handshake), as it does with a rejected client certificate.
+            raise ConnectionError(paho.error_string(rc))
 
     def _close_session(self, session: _Session, why: str) -> None:
         if self._session is session:
@@ -304,7 +345,33 @@ class MqttClient:
                 fut.set_exception(BrokerError(why))
         session.pending.clear()
 
-    # ---- paho callbacks, on the event loop -------------------------------------------------
+    # ---- paho callbacks, on paho's thread: handed to the loop ------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        # stop() (or a cancelled _run) joins paho's thread before the loop closes; this guards
+        # a loop closed without either, where call_soon_threadsafe would raise in paho's thread.
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        with contextlib.suppress(RuntimeError):  # closed between the check and the call
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _paho_connect(self, client: paho.Client, _userdata: Any, _flags: paho.ConnectFlags,
+                      reason: ReasonCode, _props: Properties | None) -> None:
+        self._post(self._connack, client, reason)
+
+    def _paho_disconnect(self, client: paho.Client, _userdata: Any, _flags: paho.DisconnectFlags,
+                         reason: ReasonCode, _props: Properties | None) -> None:
+        self._post(self._ended, client, reason)
+
+    def _paho_publish(self, client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode,
+                      _props: Properties) -> None:
+        self._post(self._puback, client, mid, reason)
+
+    def _paho_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._post(self._inbox.put_nowait, Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # ---- the same, on the event loop -------------------------------------------------------
 
     def _connack(self, client: paho.Client, reason: ReasonCode) -> None:
         session = self._session
@@ -332,8 +399,7 @@ class MqttClient:
         if session.acked and not self._stop.is_set():
             self.last_error = f"connection lost ({reason})"
         elif not session.acked and not self.last_error.startswith("the broker refused"):
-            self.last_error = ("the broker closed the connection before accepting it (a "
-                               "rejected client certificate, or a protocol mismatch?)")
+            self.last_error = closed_during_connect(self.settings.tls is not None)
         self._close_session(session, f"connection lost before the broker acknowledged ({reason})")
 
     def _puback(self, client: paho.Client, mid: int, reason: ReasonCode) -> None:

@@ -101,7 +101,7 @@ class Reporter:
         version: The agent's version, in presence payloads.
     """
 
-    def __init__(self, client: MqttClient | None, spool: Spool, topics: Topics,
+    def __init__(self, client: MqttClient | None, spool: Spool, topics: Topics, *,
                  interval_s: float, telemetry: Callable[[], dict[str, Any]],
                  reported: Callable[[], dict[str, Any]], version: str) -> None:
         self.client = client
@@ -211,7 +211,7 @@ class Reporter:
                      for m in batch]
             results = await asyncio.gather(*sends, return_exceptions=True)
             acked = []
-            for m, result in zip(batch, results):
+            for m, result in zip(batch, results, strict=True):
                 if result is not None:
                     break  # keep order: nothing after the first failure counts as sent
                 acked.append(m.seq)

@@ -63,14 +63,14 @@ class Device:
 
         self.deployer = CatalogDeployer(self.manager, versions)
         self.link = FleetLink(
-            self.config, device_id, state_dir, "9.9.9",
-            SystemSampler(Path("/"), disk_path=state_dir, nvml=False),
-            ModelFigures(self.scheduler.all_stats, self.manager.status),
-            lambda: {"models": {m["name"]: {"version": m.get("version"),
-                                            "provider": m.get("provider"),
-                                            "last_error": m.get("last_error")}
-                                for m in self.manager.status()}},
-            self.deployer, reload, backoff=(0.1, 0.5))
+            self.config, device_id, state_dir, version="9.9.9",
+            system=SystemSampler(Path("/"), disk_path=state_dir, nvml=False),
+            models=ModelFigures(self.scheduler.all_stats, self.manager.status),
+            reported=lambda: {"models": {m["name"]: {"version": m.get("version"),
+                                                     "provider": m.get("provider"),
+                                                     "last_error": m.get("last_error")}
+                                         for m in self.manager.status()}},
+            deployer=self.deployer, reload_config=reload, backoff=(0.1, 0.5))
 
     async def start(self, load: int | None = 1) -> None:
         if load is not None:

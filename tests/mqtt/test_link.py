@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.publish as publish
+from paho.mqtt import publish
 
 from tests.mqtt.conftest import Broker
 from tests.mqtt.device import Device, make_catalog
@@ -134,8 +134,8 @@ def test_desired_state_device_and_groups(tmp_path: Path, broker: Broker, watch: 
     async def go() -> None:
         await dev.start()
         await until(lambda: w.last("/reported"), "reported")
-        send(broker, f"{PREFIX}/groups/eu/desired", {"revision": 1, "models": {"mlp": {"version": 2}}},
-             retain=True)
+        send(broker, f"{PREFIX}/groups/eu/desired",
+             {"revision": 1, "models": {"mlp": {"version": 2}}}, retain=True)
         await until(lambda: desired().get("revisions") == {"group:eu": 1}
                     and desired()["state"] == "applied", "group applied")
         assert dev.deployer.active_version("mlp") == 2
@@ -166,7 +166,8 @@ def test_bad_desired_state_is_refused_and_changes_nothing(tmp_path: Path, broker
     dev = Device(tmp_path / "state", make_catalog(tmp_path / "models"), url=broker.url)
     cases: list[tuple[bytes, str]] = [
         (b"{not json", "not valid JSON"),
-        (json.dumps({"revision": 2, "models": {"ghost": {"version": 1}}}).encode(), "unknown model"),
+        (json.dumps({"revision": 2, "models": {"ghost": {"version": 1}}}).encode(),
+         "unknown model"),
         (json.dumps({"revision": 3, "models": {"mlp": {"version": 9}}}).encode(), "no version 9"),
         (json.dumps({"revision": 4, "models": {"mlp": {"version": "2"}}}).encode(), "integer >= 1"),
         (json.dumps({"revision": 5, "models": {}, "extra": 1}).encode(), "unknown key"),
