@@ -236,10 +236,10 @@ class Agent:
         deployer = (CatalogDeployer(self.manager, catalog) if self.hub is None
                     else HubDeployer(self.manager, catalog, self.hub))
         self.fleet = FleetLink(
-            self.config, self.device_id, self.state_dir, __version__,
-            SystemSampler(self.root, disk_path=self.state_dir),
-            ModelFigures(self.scheduler.all_stats, self.manager.status), self._reported,
-            deployer, self._reload_command)
+            self.config, self.device_id, self.state_dir, version=__version__,
+            system=SystemSampler(self.root, disk_path=self.state_dir),
+            models=ModelFigures(self.scheduler.all_stats, self.manager.status),
+            reported=self._reported, deployer=deployer, reload_config=self._reload_command)
         await self.fleet.start()
 
     def _reported(self) -> dict[str, Any]:
