@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
+import importlib.resources
 import json
 import os
 import platform
@@ -44,7 +46,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gevent
 import numpy as np
+import onnxruntime as ort
+import psutil
+import tritonclient.http as triton
+from geventhttpclient import HTTPClient
 
 from benchmarks.models import cnn, cnn_macs, mlp
 
@@ -86,6 +93,13 @@ class Case:
     beyond the core count only oversubscribe the CPU, so the best is the fair baseline)."""
     client_cpu_us: float | None = None
     """Client CPU time per request (microseconds): what the load generator itself costs."""
+    server_cpu_us: float = 0.0
+    """CPU time per inference of whatever serves it (microseconds, all threads): the agent
+    process, or the in-process session. Less sensitive to other load on the box than
+    throughput; the difference between the two is the serving path's cost."""
+    loop_cpu_us: float | None = None
+    """The agent's main thread (its event loop: HTTP, decoding, scheduling) CPU per request:
+    one thread, so 1e6 / loop_cpu_us caps the agent's throughput."""
     batch_sizes: dict[str, int] = field(default_factory=dict)
     """Agent-side executions per batch size (from the statistics extension)."""
 
@@ -110,8 +124,6 @@ class Budget:
 
 
 def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
@@ -154,14 +166,15 @@ def in_process(paths: dict[str, Path], budget: Budget) -> tuple[list[Case], dict
     cases, reference = [], {}
     for model, path in paths.items():
         session = _session(path)
-        name, shape, out = MODELS[model]
+        name, _, out = MODELS[model]
         x = _input(model)
         reference[model] = session.run([out], {name: x})[0]
         for concurrency in (1, 4):
             case = Case("in-process", model, "-", concurrency)
-            lat, elapsed, _ = _closed_loop(lambda s=session, n=name, o=out: s.run([o], {n: x}),
-                                           concurrency, budget, _thread, _join_threads)
+            lat, elapsed, cpu = _closed_loop(functools.partial(session.run, [out], {name: x}),
+                                             concurrency, budget, _thread, _join_threads)
             case.measured(lat, elapsed)
+            case.server_cpu_us = round(cpu / len(lat) * 1e6, 1)
             cases.append(case)
             _progress(case)
     return cases, reference
@@ -183,8 +196,6 @@ def _free_port() -> int:
 
 def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: int) -> Path:
     """The agent's config: both models by path, the x86-64-cpu profile pinned to 2 threads."""
-    import importlib.resources
-
     profiles_dir = work / "profiles"
     profiles_dir.mkdir(exist_ok=True)
     shipped = importlib.resources.files("edgeagent.device_profiles") / "x86-64-cpu.toml"
@@ -254,11 +265,9 @@ def agent(work: Path, paths: dict[str, Path], max_batch_size: int) -> Iterator[R
 
 
 def rss_mb(pid: int) -> float:
-    import psutil
-
     proc = psutil.Process(pid)
     total = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(True))
-    return round(total / 2**20, 1)
+    return round(float(total) / 2**20, 1)
 
 
 def request_body(model: str, protocol: str) -> tuple[bytes, dict[str, str]]:
@@ -281,8 +290,6 @@ def request_body(model: str, protocol: str) -> tuple[bytes, dict[str, str]]:
 
 def check_outputs(port: int, model: str, reference: np.ndarray) -> None:
     """Ask once with tritonclient (JSON and binary) and compare with the in-process output."""
-    import tritonclient.http as triton
-
     name, shape, out = MODELS[model]
     client = triton.InferenceServerClient(f"127.0.0.1:{port}")
     try:
@@ -298,12 +305,9 @@ def check_outputs(port: int, model: str, reference: np.ndarray) -> None:
         client.close()
 
 
-def drive(port: int, model: str, protocol: str, concurrency: int, budget: Budget,
-          target: str) -> Case:
+def drive(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
+          budget: Budget, target: str) -> Case:
     """Closed-loop load from ``concurrency`` greenlets, one keep-alive connection each."""
-    import gevent
-    from geventhttpclient import HTTPClient
-
     body, headers = request_body(model, protocol)
     path = f"/v2/models/{model}/infer"
     client = HTTPClient("127.0.0.1", port, concurrency=concurrency, connection_timeout=10,
@@ -315,15 +319,32 @@ def drive(port: int, model: str, protocol: str, concurrency: int, budget: Budget
         if resp.status_code != 200:
             raise SystemExit(f"{model} {protocol}: HTTP {resp.status_code}: {payload[:300]!r}")
 
+    server = psutil.Process(agent_pid)
     try:
+        # The agent's CPU is read around the whole loop, warm-up included, then scaled by the
+        # share of requests measured: close enough for a cost per request.
+        server_cpu, loop_cpu = sum(server.cpu_times()[:2]), _thread_cpu(server, agent_pid)
         lat, elapsed, cpu = _closed_loop(call, concurrency, budget, gevent.spawn,
                                          lambda g: gevent.joinall(g, raise_error=True))
+        server_cpu = sum(server.cpu_times()[:2]) - server_cpu
+        loop_cpu = _thread_cpu(server, agent_pid) - loop_cpu
     finally:
         client.close()
     case = Case(target, model, protocol, concurrency)
     case.measured(lat, elapsed)
     case.client_cpu_us = round(cpu / len(lat) * 1e6, 1)
+    share = budget.seconds / (budget.seconds + budget.warmup_s)
+    case.server_cpu_us = round(server_cpu * share / len(lat) * 1e6, 1)
+    case.loop_cpu_us = round(loop_cpu * share / len(lat) * 1e6, 1)
     return case
+
+
+def _thread_cpu(process: psutil.Process, tid: int) -> float:
+    """CPU seconds of one thread (on Linux the main thread's id is the process id)."""
+    for t in process.threads():
+        if t.id == tid:
+            return float(t.user_time + t.system_time)
+    return 0.0
 
 
 def agent_stats(port: int) -> dict[str, dict[str, int]]:
@@ -357,7 +378,8 @@ def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
         for model in paths:
             for protocol in ("binary", "json"):
                 for concurrency in (1, 4):
-                    case = drive(running.port, model, protocol, concurrency, budget, "agent")
+                    case = drive(running.process.pid, running.port, model, protocol,
+                                 concurrency=concurrency, budget=budget, target="agent")
                     cases.append(case)
                     _progress(case)
         facts["after_load_rss_mb"] = rss_mb(running.process.pid)
@@ -366,7 +388,8 @@ def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
             check_outputs(running.port, model, reference[model])
             for protocol in ("binary", "json"):
                 before = agent_stats(running.port).get(model, {})
-                case = drive(running.port, model, protocol, 8, budget, "agent+batching")
+                case = drive(running.process.pid, running.port, model, protocol, concurrency=8,
+                             budget=budget, target="agent+batching")
                 case.batch_sizes = _batch_delta(before, agent_stats(running.port).get(model, {}))
                 cases.append(case)
                 _progress(case)
@@ -420,13 +443,15 @@ def print_report(result: dict[str, Any]) -> None:
           f"{result['machine']['onnxruntime']}, {THREADS} intra-op threads, "
           f"{result['budget']['seconds']} s per case)\n")
     print(f"{'target':16}{'model':6}{'proto':8}{'conc':>5}{'inf/s':>11}{'p50 ms':>9}"
-          f"{'p99 ms':>9}{'x in-proc':>10}{'client us':>10}  batches")
+          f"{'p99 ms':>9}{'x in-proc':>10}{'cpu us':>9}{'loop us':>9}{'client us':>10}  batches")
     for c in result["cases"]:
         ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
         client = f"{c['client_cpu_us']:.0f}" if c["client_cpu_us"] is not None else "-"
+        loop = f"{c['loop_cpu_us']:.0f}" if c["loop_cpu_us"] is not None else "-"
         batches = " ".join(f"{k}:{n}" for k, n in c["batch_sizes"].items())
         print(f"{c['target']:16}{c['model']:6}{c['protocol']:8}{c['concurrency']:>5}"
               f"{c['throughput']:>11.1f}{c['p50_ms']:>9.2f}{c['p99_ms']:>9.2f}{ratio:>10}"
+              f"{c['server_cpu_us']:>9.0f}{loop:>9}"
               f"{client:>10}  {batches}")
     a = result["agent"]
     print(f"\nagent: ready in {a['ready_s']:.3f} s; RSS {a['ready_rss_mb']} MB at ready, "
@@ -445,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     budget = Budget(warmup_s=min(1.0, seconds / 3), seconds=seconds)
-    import onnxruntime
-
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
         work = Path(tmp)
         paths = {"mlp": mlp(work / "mlp.onnx"), "cnn": cnn(work / "cnn.onnx")}
@@ -459,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(cases)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-                    "load_avg_at_end": os.getloadavg()},
+                    "python": platform.python_version(), "onnxruntime": ort.__version__,
+                    "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg()},
         "budget": asdict(budget),
         "cases": [asdict(c) for c in cases],
         "agent": facts,
