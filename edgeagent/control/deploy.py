@@ -79,21 +79,38 @@ class HubDeployer(CatalogDeployer):
         self._hub = hub
 
     async def check(self, name: str, version: int) -> None:
+        """Refuse up front a version the hub does not list (nor the store holds), so a desired
+        state naming it changes nothing.
+
+        Raises:
+            ModelNotFound: an unknown model, or a version the hub does not have.
+            HubError: the hub's metadata could not be refreshed (and the store lacks it).
+        """
         if name not in self._hub.sections:
             await super().check(name, version)
-        # A hub version is verified as it is fetched; a missing one fails activate (undone).
+            return
+        if version in self._hub.store.installed_versions(name):
+            return  # verified when it was installed; needs no hub
+        index = await self._hub.refreshed_index()
+        if version not in index.versions.get(name, ()):
+            have = ", ".join(map(str, index.versions.get(name, ()))) or "none"
+            raise ModelNotFound(f"the hub has no version {version} of {name!r} "
+                                f"(it has: {have})")
 
     async def activate(self, name: str, version: int) -> None:
+        """Activate through the hub, and pin the version so the poll loop keeps it."""
         if name not in self._hub.sections:
             await super().activate(name, version)
             return
         await self._hub.activate(name, version, explicit=True)
+        self._hub.set_desired(name, version)
 
     async def rollback(self, name: str) -> int:
         if name not in self._hub.sections:
             return await super().rollback(name)
         version = self._hub.rollback_target(name)
         await self._hub.activate(name, version, explicit=True)
+        self._hub.set_desired(name, version)
         return version
 
     async def sync(self) -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -48,7 +49,6 @@ class Broker:
     """One Mosquitto process; ``extra`` lines go into its listener config."""
 
     def __init__(self, workdir: Path, extra: str = "", anonymous: bool = True) -> None:
-        assert MOSQUITTO is not None
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -67,15 +67,18 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        assert MOSQUITTO is not None
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_listening()
 
+    def wait_listening(self) -> None:
         def listening() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 log = (self.dir / "mosquitto.log").read_text() if (
                     self.dir / "mosquitto.log").exists() else ""
-                raise AssertionError(f"mosquitto exited: {log[-2000:]}")
+                raise AssertionError(f"the broker exited: {log[-2000:]}")
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
@@ -92,14 +95,46 @@ class Broker:
         self.proc = None
 
 
+class AmqttBroker(Broker):
+    """The fallback where no mosquitto binary exists: amqtt's broker in a subprocess on a free
+    loopback port. MQTT 3.1.1 only, anonymous, no TLS and no persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = self.dir / "amqtt.yaml"
+        self.conf.write_text(
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n")
+        self.proc = None
+
+    def start(self) -> None:
+        amqtt = Path(sys.executable).with_name("amqtt")
+        with (self.dir / "mosquitto.log").open("wb") as log:  # read by Broker's start check
+            self.proc = subprocess.Popen([str(amqtt), "-c", str(self.conf)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        self.wait_listening()
+
+
+@pytest.fixture(params=["auto"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """``auto``: mosquitto when installed, else amqtt; a test forces ``amqtt`` by
+    parametrizing this fixture indirectly."""
+    return str(request.param)
+
+
 @pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[Any]:
-    if MOSQUITTO is None:
-        pytest.skip("mosquitto is not installed (apt install mosquitto)")
+def broker_factory(tmp_path: Path, broker_kind: str) -> Iterator[Any]:
+    use_amqtt = broker_kind == "amqtt" or MOSQUITTO is None
     made: list[Broker] = []
 
     def make(name: str = "broker", extra: str = "", anonymous: bool = True) -> Broker:
-        b = Broker(tmp_path / name, extra, anonymous)
+        if use_amqtt and (extra or not anonymous):
+            pytest.skip("needs mosquitto (TLS, passwords): apt install mosquitto")
+        b = AmqttBroker(tmp_path / name) if use_amqtt else Broker(tmp_path / name, extra,
+                                                                   anonymous)
         b.start()
         made.append(b)
         return b
@@ -118,11 +153,13 @@ class Watcher:
     """A plain paho subscriber (the receiver's side), with a persistent session so nothing
     published while it reconnects after a broker restart is lost to it."""
 
-    def __init__(self, port: int, topics: list[str], persistent: bool = True) -> None:
+    def __init__(self, port: int, topics: list[str], persistent: bool = True,
+                 v311: bool = False) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"watcher-{free_port()}", protocol=paho.MQTTv5)
+                                  client_id=f"watcher-{free_port()}",
+                                  protocol=paho.MQTTv311 if v311 else paho.MQTTv5)
         self.client.reconnect_delay_set(0.1, 0.5)
         self.topics = topics
 
@@ -136,12 +173,16 @@ class Watcher:
         self.client.on_connect = on_connect
         self.client.on_message = on_message
         props = None
-        if persistent:
+        if persistent and not v311:
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 3600
-        self.client.connect("127.0.0.1", port, 30, clean_start=not persistent, properties=props)
+        if v311:
+            self.client.connect("127.0.0.1", port, 30)
+        else:
+            self.client.connect("127.0.0.1", port, 30, clean_start=not persistent,
+                                properties=props)
         self.client.loop_start()
 
     def payloads(self, suffix: str) -> list[dict[str, Any]]:
@@ -161,8 +202,9 @@ class Watcher:
 def watch() -> Iterator[Any]:
     made: list[Watcher] = []
 
-    def make(port: int, topics: list[str], persistent: bool = True) -> Watcher:
-        w = Watcher(port, topics, persistent)
+    def make(port: int, topics: list[str], persistent: bool = True,
+             v311: bool = False) -> Watcher:
+        w = Watcher(port, topics, persistent, v311)
         made.append(w)
         return w
 

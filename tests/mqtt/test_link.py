@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from paho.mqtt import publish
 
 from tests.mqtt.conftest import Broker
@@ -243,3 +244,23 @@ def test_commands(tmp_path: Path, broker: Broker, watch: Any) -> None:
         await dev2.stop()
 
     run(go())
+
+
+@pytest.mark.parametrize("broker_kind", ["amqtt"], indirect=True)
+def test_on_the_amqtt_fallback_broker(tmp_path: Path, broker: Broker, watch: Any) -> None:
+    """The broker the tests fall back to without mosquitto (MQTT 3.1.1 only) carries presence,
+    telemetry and reported state."""
+    w = watch(broker.port, [f"{PREFIX}/dev1/#"], v311=True)
+    dev = Device(tmp_path / "state", make_catalog(tmp_path / "models"), url=broker.url,
+                 protocol="3.1.1")
+
+    async def go() -> None:
+        await dev.start()
+        await until(lambda: (w.last("/status") or {}).get("state") == "online", "online")
+        await until(lambda: len(w.payloads("/telemetry")) >= 2, "telemetry")
+        await until(lambda: w.last("/reported"), "reported state")
+        await dev.stop()
+        await until(lambda: (w.last("/status") or {}).get("state") == "stopped", "stopped")
+
+    run(go())
+    assert check_seqs([t["seq"] for t in w.payloads("/telemetry")])[1] == 0
