@@ -194,7 +194,8 @@ def _free_port() -> int:
         return port
 
 
-def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: int) -> Path:
+def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: int,
+                 max_queue_delay_ms: float = 2.0) -> Path:
     """The agent's config: both models by path, the x86-64-cpu profile pinned to 2 threads."""
     profiles_dir = work / "profiles"
     profiles_dir.mkdir(exist_ok=True)
@@ -207,6 +208,7 @@ def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: 
     (profiles_dir / "x86-64-cpu.toml").write_text("\n".join(lines) + "\n")
     models = "".join(
         f'\n[[models]]\nname = "{m}"\npath = "{p}"\nmax_batch_size = {max_batch_size}\n'
+        f"max_queue_delay_ms = {max_queue_delay_ms}\n"
         for m, p in paths.items())
     config = work / f"agent-b{max_batch_size}.toml"
     config.write_text(
@@ -236,10 +238,11 @@ def _ready(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def agent(work: Path, paths: dict[str, Path], max_batch_size: int) -> Iterator[RunningAgent]:
+def agent(work: Path, paths: dict[str, Path], max_batch_size: int,
+          max_queue_delay_ms: float = 2.0) -> Iterator[RunningAgent]:
     """Start the agent as a subprocess, wait until ready (timed), stop it on exit."""
     port = _free_port()
-    config = write_config(work, paths, port, max_batch_size)
+    config = write_config(work, paths, port, max_batch_size, max_queue_delay_ms)
     log = work / f"agent-b{max_batch_size}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAGENT_")}
     with log.open("wb") as sink:
@@ -365,7 +368,8 @@ def _batch_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 
 
 def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
-                  reference: dict[str, np.ndarray]) -> tuple[list[Case], dict[str, float]]:
+                  reference: dict[str, np.ndarray], batch_delay_ms: float,
+                  ) -> tuple[list[Case], dict[str, float]]:
     cases: list[Case] = []
     facts: dict[str, float] = {}
     with agent(work, paths, max_batch_size=0) as running:
@@ -383,7 +387,7 @@ def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
                     cases.append(case)
                     _progress(case)
         facts["after_load_rss_mb"] = rss_mb(running.process.pid)
-    with agent(work, paths, max_batch_size=8) as running:
+    with agent(work, paths, max_batch_size=8, max_queue_delay_ms=batch_delay_ms) as running:
         for model in paths:
             check_outputs(running.port, model, reference[model])
             for protocol in ("binary", "json"):
@@ -467,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 s per case instead of 4")
     parser.add_argument("--seconds", type=float, help="measured seconds per case")
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    parser.add_argument("--batch-delay-ms", type=float, default=2.0,
+                        help="max_queue_delay_ms of the batching agent (default: 2, as shipped)")
     args = parser.parse_args(argv)
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     budget = Budget(warmup_s=min(1.0, seconds / 3), seconds=seconds)
@@ -478,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         cases, reference = in_process(paths, budget)
         print("through the agent...", file=sys.stderr)
-        agent_cases, facts = through_agent(work, paths, budget, reference)
+        agent_cases, facts = through_agent(work, paths, budget, reference,
+                                           args.batch_delay_ms)
     cases += agent_cases
     add_ratios(cases)
     result = {
@@ -486,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "onnxruntime": ort.__version__,
                     "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg()},
         "budget": asdict(budget),
+        "batch_delay_ms": args.batch_delay_ms,
         "cases": [asdict(c) for c in cases],
         "agent": facts,
         "targets": targets(cases, facts),
