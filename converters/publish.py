@@ -11,10 +11,8 @@ with the tolerances in the ``.json`` next to it).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,8 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeagent.hub.repository import file_ref, release_bundle
+from edgeagent.runtime.inspect import onnx_precision
+
 from .errors import InputError
-from .hub import Hub
+from .hub import Hub, input_errors
 from .modelio import load_samples, match_samples, plain_name
 from .runners import open_runner
 from .validate import run_model
@@ -61,10 +62,9 @@ class VariantSpec:
 def detect_precision(path: Path) -> str:
     """A model's precision from its content (int8 quantised, fp16 weights, else fp32)."""
     if path.suffix == ".onnx":
-        from edgeagent.runtime.inspect import onnx_precision
-
         return onnx_precision(path)[0]
     try:
+        # LiteRT is optional on the build side: imported only for a TFLite variant.
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise InputError(f"{path}: give its precision (FILE:int8); reading TFLite models needs "
@@ -74,10 +74,6 @@ def detect_precision(path: Path) -> str:
     if dtypes & {np.dtype(np.int8), np.dtype(np.uint8)}:
         return "int8"
     return "fp16" if np.dtype(np.float16) in dtypes else "fp32"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _checks(path: Path, reference: Path | None, atol: float, rtol: float
@@ -106,33 +102,29 @@ def _checks(path: Path, reference: Path | None, atol: float, rtol: float
 
 
 def publish(hub_dir: Path, keys_dir: Path, name: str, version: int, variants: Sequence[str],
-            checks: Path | None = None, *, atol: float = 1e-2, rtol: float = 1e-2,
+            *, checks: Path | None = None, atol: float = 1e-2, rtol: float = 1e-2,
             expiry: Mapping[str, timedelta] | None = None) -> dict[str, Any]:
     """Add a release to a hub; return its bundle.json.
 
     Raises:
         InputError: bad files, a version not newer than the hub's latest, bad checks.
     """
-    from edgeagent.errors import VerificationError
-    from edgeagent.hub.bundle import parse_bundle
-
     if version < 1:
         raise InputError(f"--version must be 1 or more, not {version}")
     if not variants:
         raise InputError("name at least one model FILE")
     specs = [VariantSpec.parse(v) for v in variants]
-    files: dict[str, Path] = {}
+    files: dict[str, bytes] = {}
     entries = []
     for spec in specs:
         if spec.path.suffix not in (".onnx", ".tflite") or not spec.path.is_file():
             raise InputError(f"{spec.path}: expected an existing .onnx or .tflite file")
         if spec.path.name in files:
             raise InputError(f"{spec.path.name}: two variants with the same file name")
-        data = spec.path.read_bytes()
-        files[spec.path.name] = spec.path
+        data = files[spec.path.name] = spec.path.read_bytes()
         entries.append({
-            "file": spec.path.name, "size": len(data), "sha256": _sha256(data),
-            "format": spec.path.suffix[1:], "precision": spec.precision or detect_precision(spec.path),
+            **file_ref(spec.path.name, data), "format": spec.path.suffix[1:],
+            "precision": spec.precision or detect_precision(spec.path),
             "needs": {k: list(v) for k, v in (spec.needs or {}).items()},
         })
     reference = next((s.path for s, e in zip(specs, entries, strict=True)
@@ -141,20 +133,14 @@ def publish(hub_dir: Path, keys_dir: Path, name: str, version: int, variants: Se
     inputs = [{"name": plain_name(i.name), "dtype": str(i.dtype),
                "shape": [-1 if d is None else d for d in i.shape]} for i in runner.inputs]
     outputs = [{"name": n} for n in runner.output_names]
-    bundle: dict[str, Any] = {"schema": 1, "name": name, "version": version, "inputs": inputs,
-                              "outputs": outputs, "variants": entries, "checks": None}
-    with tempfile.TemporaryDirectory() as tmp:
-        if checks is not None:
-            data, c_atol, c_rtol = _checks(checks, reference, atol, rtol)
-            checks_file = Path(tmp) / "checks.npz"
-            checks_file.write_bytes(data)
-            files["checks.npz"] = checks_file
-            bundle["checks"] = {"file": "checks.npz", "size": len(data), "sha256": _sha256(data),
-                                "atol": c_atol, "rtol": c_rtol}
-        try:
-            parse_bundle(bundle, name, version)
-        except VerificationError as exc:
-            raise InputError(str(exc)) from exc
+    checks_entry = None
+    if checks is not None:
+        data, c_atol, c_rtol = _checks(checks, reference, atol, rtol)
+        files["checks.npz"] = data
+        checks_entry = {**file_ref("checks.npz", data), "atol": c_atol, "rtol": c_rtol}
+    with input_errors():
+        bundle = release_bundle(name, version, inputs=inputs, outputs=outputs,
+                                variants=entries, checks=checks_entry)
         Hub(hub_dir, keys_dir, expiry).add_release(name, version, files, bundle)
     return bundle
 
@@ -176,9 +162,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run(args: argparse.Namespace) -> int:
-    bundle = publish(args.hub, args.keys, args.name, args.version, args.files, args.checks,
-                     atol=args.atol, rtol=args.rtol)
-    variants = ", ".join(f"{v['file']} ({v['format']}/{v['precision']})" for v in bundle["variants"])
+    bundle = publish(args.hub, args.keys, args.name, args.version, args.files,
+                     checks=args.checks, atol=args.atol, rtol=args.rtol)
+    variants = ", ".join(f"{v['file']} ({v['format']}/{v['precision']})"
+                         for v in bundle["variants"])
     print(f"published {args.name} version {args.version}: {variants}"
           + (" with checks" if bundle["checks"] else ""))
     return 0

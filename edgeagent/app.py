@@ -22,12 +22,12 @@ import uvicorn
 
 from edgeagent import __version__
 from edgeagent.config import AgentConfig, ModelSection, is_loopback_listen
-from edgeagent.demo import DEMO_NAME, ensure_demo_model
+from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError
-from edgeagent.hub.sync import HubSync, profile_chooser
+from edgeagent.hub.sync import HubSync, config_dir, profile_chooser
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.repository import ModelRepository
@@ -88,17 +88,17 @@ class Agent:
 
     def __init__(self, config: AgentConfig, env: Mapping[str, str] | None = None,
                  root: Path = Path("/")) -> None:
-        self.config = config
         self.env = dict(env or {})
         self.root = root
         self.state_dir = config.state_path(self.env).resolve()
+        config = self.config = demo_config(config, self.state_dir)
         self.started_at = time.time()
         self.facts: DeviceFacts | None = None
         self.profile: ProfileSelection | None = None
         self.registry = BackendRegistry()
         self.manager = ModelManager(self.registry, self._plan,
                                     infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
-        base = Path(config.source).parent if config.source.endswith(".toml") else Path.cwd()
+        base = self.base_dir = config_dir(config)
         self.scheduler = InferenceScheduler(self.manager)
         self.repository = ModelRepository(self.manager, base)
         self.token = read_token(config)
@@ -119,11 +119,7 @@ class Agent:
                               cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
 
     def _models(self) -> tuple[ModelSection, ...]:
-        if self.config.models or self.config.source != "embedded defaults":
-            return self.config.models
-        # Embedded defaults: serve the demo model so a first run answers a first curl.
-        demo = ensure_demo_model(self.state_dir / "demo")
-        return (ModelSection(name=DEMO_NAME, path=str(demo)),)
+        return self.config.models
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -140,16 +136,24 @@ class Agent:
         self.profile = select_profile(profiles, self.facts, forced)
         log.info("device profile %s: %s", self.profile.profile.name, self.profile.reason)
         models = self._models()
+        demo = is_demo(self.config, self.state_dir)
+        if demo and await loop.run_in_executor(None, ensure_demo_hub, self.state_dir):
+            log.info("embedded defaults: made the demo hub in %s", self.config.hub.url)
         if self.config.hub.url:
             # Hub models are served from the store at once; the sync pulls what is missing.
             self.hub = HubSync(self.config.hub, models, self.state_dir, self.manager,
-                               profile_chooser(self.profile.profile, self.facts))
+                               profile_chooser(self.profile.profile, self.facts),
+                               base_dir=self.base_dir)
             self.repository.set_hub_resolver(self.hub.resolve)
         self.repository.configure(models)
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
         await self.load_models()
         if self.hub is not None:
             await self.hub.start()
+            if demo and not all(self.manager.ready(m.name) for m in models):
+                # First run: the demo hub is a local folder, so pull before serving and the
+                # first curl gets an answer.
+                await self.hub.sync_once()
         await self._start_http()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
         log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
@@ -208,7 +212,7 @@ class Agent:
         serves until the new one is ready), limits applied; the rest waits for a restart and is
         listed in the returned plan (see :mod:`edgeagent.service.reload`).
         """
-        plan = plan_reload(self.config, config)
+        plan = plan_reload(self.config, demo_config(config, self.state_dir))
         self.config = self.services.config = plan.config
         if self._server is not None:
             # uvicorn annotates int, but hands the value to asyncio.wait_for (a float is fine).

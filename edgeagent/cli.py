@@ -65,8 +65,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     config = _load(args)
     forced = args.profile or (None if config.agent.profile == "auto" else config.agent.profile)
     profiles_dir = Path(config.agent.profiles_dir) if config.agent.profiles_dir else None
-    report = probe_report(Path(args.root), forced, config.state_path(os.environ),
-                          profiles_dir=profiles_dir)
+    from edgeagent.demo import demo_config
+
+    state_dir = config.state_path(os.environ)
+    config = demo_config(config, state_dir.resolve())
+    hub_models = [m.name for m in config.models if m.version is not None] if config.hub.url else []
+    report = probe_report(Path(args.root), forced, state_dir, profiles_dir=profiles_dir,
+                          hub_models=hub_models)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

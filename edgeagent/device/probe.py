@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ MODEL_HASH_PLACEHOLDER = "{model_hash}"
 
 def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
                  profiles_dir: Path | None = None,
-                 runtimes: RuntimeFacts | None = None) -> dict[str, Any]:
+                 runtimes: RuntimeFacts | None = None,
+                 hub_models: Sequence[str] = ()) -> dict[str, Any]:
     """Everything ``edgeagent probe`` shows, as a JSON-able dict.
 
     Args:
@@ -31,11 +33,14 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         state_dir: The agent's state directory (TensorRT caches go under it).
         profiles_dir: The operator's extra profile directory, if any.
         runtimes: Python-environment facts; detected live when omitted.
+        hub_models: The configured hub models: their variant choice is shown when the store
+            holds their bundles.
 
     Returns:
         ``facts``, ``profile`` (name, reason, candidates, the profile itself), ``plans`` (one per
         format and precision, the profile's preferred ones first), ``installed`` (runtime
-        package versions) and ``missing`` (what to install, with the command).
+        package versions), ``missing`` (what to install, with the command) and ``hub_models``
+        (per configured hub model: the variant this box would run, or why it is not known).
 
     Raises:
         ProfileError: a profile file is invalid, the forced profile is unknown, or none matches.
@@ -60,7 +65,18 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         "plans": plans,
         "installed": dict(facts.runtimes.packages),
         "missing": _missing(profile, facts),
+        "hub_models": _hub_choices(state_dir, hub_models, profile, facts),
     }
+
+
+def _hub_choices(state_dir: Path, names: Sequence[str], profile: DeviceProfile,
+                 facts: DeviceFacts) -> list[dict[str, Any]]:
+    if not names:
+        return []
+    # Only with hub models configured: the hub side (and the runtime it imports) stays unloaded.
+    from edgeagent.hub.sync import profile_chooser, stored_variant_choices
+
+    return stored_variant_choices(Path(state_dir), names, profile_chooser(profile, facts))
 
 
 def _missing(profile: DeviceProfile, facts: DeviceFacts) -> list[dict[str, str]]:
@@ -142,6 +158,12 @@ def format_probe_text(report: dict[str, Any]) -> str:
         lines.append(f"  {name} {version}")
     if not report["installed"]:
         lines.append("  no runtime packages")
+    if report.get("hub_models"):
+        lines += ["", "Hub models (the variant this box would run)"]
+        for m in report["hub_models"]:
+            where = f" v{m['version']}" if m["version"] is not None else ""
+            lines.append(f"  {m['name']}{where}: {m['variant'] or 'unknown'}")
+            lines.append(f"      {m['reason']}")
     if report["missing"]:
         lines += ["", "Missing"]
         for item in report["missing"]:

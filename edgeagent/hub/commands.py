@@ -14,10 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+from tqdm import tqdm
+
 from edgeagent.config import AgentConfig, load_config
+from edgeagent.demo import demo_config
+from edgeagent.device.facts import collect_facts
+from edgeagent.device.profiles import load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError, HubError
 from edgeagent.hub.store import ModelStore
-from edgeagent.hub.sync import HubSync, profile_chooser
+from edgeagent.hub.sync import HubSync, config_dir, profile_chooser
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -32,28 +38,25 @@ def add_hub_commands(add: AddCommand) -> None:
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
-    config = load_config(args.config, os.environ)
+    loaded = load_config(args.config, os.environ)
+    # Embedded defaults serve the demo hub: the operator commands work on it too.
+    config = demo_config(loaded, loaded.state_path(os.environ).resolve())
     if not config.hub.url:
         raise ConfigError("no hub is configured; set [hub] url and root", "hub.url")
     return config
 
 
 def _sync(config: AgentConfig) -> HubSync:
-    from edgeagent.device.facts import collect_facts
-    from edgeagent.device.profiles import load_profiles, select_profile
-
     facts = collect_facts(Path("/"))
     extra = Path(config.agent.profiles_dir) if config.agent.profiles_dir else None
     forced = None if config.agent.profile == "auto" else config.agent.profile
     profile = select_profile(load_profiles(extra), facts, forced)
     return HubSync(config.hub, config.models, config.state_path(os.environ), None,
-                   profile_chooser(profile.profile, facts))
+                   profile_chooser(profile.profile, facts), base_dir=config_dir(config))
 
 
 def _ask_agent(config: AgentConfig, name: str) -> str:
     """Ask a running agent to reload ``name``; say what happened."""
-    import httpx
-
     listen = config.http.listen
     headers = {}
     if config.http.token_file:
@@ -62,7 +65,8 @@ def _ask_agent(config: AgentConfig, name: str) -> str:
         transport, base = httpx.HTTPTransport(uds=listen[5:]), "http://edgeagent"
     else:
         host, _, port = listen.rpartition(":")
-        host = "127.0.0.1" if host in ("0.0.0.0", "[::]") else host
+        # A wildcard listen is reached on loopback.
+        host = "127.0.0.1" if host in ("0.0.0.0", "[::]") else host  # noqa: S104
         transport, base = httpx.HTTPTransport(), f"http://{host}:{port}"
     try:
         with httpx.Client(transport=transport, base_url=base, timeout=600) as client:
@@ -76,8 +80,8 @@ def _ask_agent(config: AgentConfig, name: str) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    """``pull NAME@V`` pins V (the poll loop keeps it); ``pull NAME`` takes the hub's latest
+    and removes any pin (the configuration rules again)."""
     config = _config(args)
     name, _, wanted = args.model.partition("@")
     if wanted and not wanted.isdigit():
@@ -98,16 +102,21 @@ def cmd_pull(args: argparse.Namespace) -> int:
     finally:
         sync.close()
     print(f"{name} version {version} verified and stored: {inst.variant.file} ({inst.reason})")
-    sync.request(name, version)
+    sync.request(name, version, pin=bool(wanted))
     print(_ask_agent(config, name))
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """Go back to the newest kept previous version, and pin it (the poll loop keeps it until
+    ``pull NAME`` or a new desired version)."""
     config = _config(args)
     sync = _sync(config)
-    version = sync.rollback_target(args.name)
-    sync.request(args.name, version)
+    try:
+        version = sync.rollback_target(args.name)
+    finally:
+        sync.close()
+    sync.request(args.name, version, pin=True)
     print(f"{args.name}: rolling back to version {version}")
     print(_ask_agent(config, args.name))
     return 0

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface
+from tuf.ngclient.fetcher import FetcherInterface
 
 from edgeagent import __version__
 from edgeagent.errors import HubError, VerificationError
@@ -91,7 +91,7 @@ class HubFetcher(FetcherInterface):
             digest = _sha256(partial, have)
             try:
                 if have < length:
-                    self._append(url, partial, digest, have, length, progress)
+                    self._append(url, partial, digest, have, length, progress=progress)
                 break
             except HubError as exc:
                 if isinstance(exc, VerificationError):
@@ -110,14 +110,14 @@ class HubFetcher(FetcherInterface):
                 f"{sha256[:16]}... (tampered or corrupted file on the hub)"
             )
 
-    def _append(self, url: str, partial: Path, digest: Hash, have: int, length: int,
+    def _append(self, url: str, partial: Path, digest: Hash, have: int, length: int, *,
                 progress: Progress | None) -> None:
         if url.startswith("file://"):
             try:
                 chunks = _file_chunks(_local_path(url), have)
             except tuf_exc.DownloadError as exc:
                 raise HubError(str(exc)) from exc
-            _write(chunks, partial, digest, have, length, progress)
+            _write(chunks, partial, digest, have, length, progress=progress)
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
@@ -128,12 +128,13 @@ class HubFetcher(FetcherInterface):
                     raise HubError(f"{url}: the server does not resume (no Range support)")
                 if response.status_code not in (200, 206):
                     raise HubError(f"{url}: HTTP {response.status_code}")
-                _write(response.iter_bytes(), partial, digest, have, length, progress)
+                _write(response.iter_bytes(), partial, digest, have, length,
+                       progress=progress)
         except httpx.HTTPError as exc:
             raise HubError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
-def _write(chunks: Iterator[bytes], partial: Path, digest: Hash, have: int, length: int,
+def _write(chunks: Iterator[bytes], partial: Path, digest: Hash, have: int, length: int, *,
            progress: Progress | None) -> None:
     partial.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("r+b" if have else "wb") as f:

@@ -8,7 +8,8 @@ Layout (a contract, see ``docs/decisions.md``)::
     hub/blobs/SHA              verified files, named by their SHA-256
     hub/models/NAME/VERSION/   an installed version: bundle.json, install.json and hard
                                links to the blobs it uses, under their release file names
-    hub/state.json             active and previous versions per model
+    hub/state.json             active, previous, requested, desired and failed versions
+    hub/.state.lock            serialises read-modify-write of state.json (flock)
 
 Every write that matters is atomic: files are written, fsynced and renamed; a version folder
 is built under a dot-name and renamed into place; ``state.json`` is replaced whole. A kill at
@@ -18,14 +19,15 @@ an interrupted step (half-built folders), never anything a state refers to.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgeagent.errors import HubError, VerificationError
 from edgeagent.hub.bundle import Bundle, Variant, parse_bundle
@@ -46,15 +48,31 @@ class ModelState:
     """A version an operator asked for (pull/rollback), not yet activated."""
     failed: dict[int, str] = field(default_factory=dict)
     """Versions that failed to activate here, with why: not retried unless asked for."""
+    desired: int | None = None
+    """A pinned version (fleet desired state, ``pull NAME@V``, rollback) that overrides the
+    configured ``version``; None follows the configuration."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"active": self.active, "previous": self.previous, "requested": self.requested,
+                "desired": self.desired,
                 "failed": {str(k): v for k, v in self.failed.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelState:
         return cls(data.get("active"), list(data.get("previous", [])), data.get("requested"),
-                   {int(k): str(v) for k, v in data.get("failed", {}).items()})
+                   {int(k): str(v) for k, v in data.get("failed", {}).items()},
+                   data.get("desired"))
+
+
+class DiskUsage(Protocol):
+    """What :func:`shutil.disk_usage` returns (the part the store reads)."""
+
+    @property
+    def free(self) -> int: ...
+
+
+#: Reads a file system's usage (``shutil.disk_usage``; tests pass a fake).
+DiskUsageReader = Callable[[Path], DiskUsage]
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _replace_with(state: ModelState, new: ModelState) -> None:
+    state.__dict__.update(new.__dict__)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -94,10 +116,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ModelStore:
-    """The files and state of hub models on this box (blocking I/O: call from an executor)."""
+    """The files and state of hub models on this box (blocking I/O: call from an executor).
 
-    def __init__(self, root: Path) -> None:
+    Args:
+        root: The store folder (``state_dir/hub``).
+        disk_usage: Reads the free space of the store's file system.
+    """
+
+    def __init__(self, root: Path, disk_usage: DiskUsageReader = shutil.disk_usage) -> None:
         self.root = root
+        self._disk_usage = disk_usage
         self.metadata_dir = root / "metadata"
         self.downloads = root / "downloads"
         self.blobs = root / "blobs"
@@ -124,9 +152,30 @@ class ModelStore:
         return self.read_state().get(name, ModelState())
 
     def update_state(self, name: str, state: ModelState) -> None:
-        everything = self.read_state()
-        everything[name] = state
-        self.write_state(everything)
+        """Replace one model's state whole (prefer :meth:`modify`, which cannot lose a
+        concurrent change)."""
+        self.modify(name, lambda s: _replace_with(s, state))
+
+    def modify(self, name: str, change: Callable[[ModelState], None]) -> ModelState:
+        """Read one model's state, apply ``change`` to it and write it back, atomically and
+        under an exclusive lock, so two writers (the poll loop, the load endpoint, an operator's
+        ``edgeagent pull`` in another process) never lose each other's changes.
+
+        Returns:
+            The state as written.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+            everything = self.read_state()
+            state = everything.get(name, ModelState())
+            change(state)
+            everything[name] = state
+            self.write_state(everything)
+            return state
+        finally:
+            os.close(fd)
 
     # ---- files --------------------------------------------------------------------------
 
@@ -147,7 +196,7 @@ class ModelStore:
 
     def free_bytes(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
-        return shutil.disk_usage(self.root).free
+        return int(self._disk_usage(self.root).free)
 
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for d in (self.blobs, self.downloads) if d.is_dir()
@@ -161,7 +210,8 @@ class ModelStore:
             return []
         return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
-    def install(self, bundle_bytes: bytes, bundle: Bundle, variant: Variant, reason: str) -> Installed:
+    def install(self, bundle_bytes: bytes, bundle: Bundle, variant: Variant,
+                reason: str) -> Installed:
         """Make a version folder from blobs already in the store (atomically)."""
         folder = self.models / bundle.name
         final = folder / str(bundle.version)

@@ -42,7 +42,7 @@ def release(hub: Hub, work: Path, version: int, *, checks: bool = True,
                                  "outputs/logits": np.full((2, 1, 3), 99, np.float32)})
         else:
             np.savez(samples, input=SAMPLE)
-    publish(hub.dir, hub.keys_dir, "m", version, [str(model)], samples)
+    publish(hub.dir, hub.keys_dir, "m", version, [str(model)], checks=samples)
     return model
 
 

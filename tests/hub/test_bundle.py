@@ -50,5 +50,6 @@ def test_a_good_bundle_round_trips() -> None:
     ({"inputs": "x"}, "inputs"),
 ])
 def test_bad_fields_are_named(over: dict[str, Any], where: str) -> None:
-    with pytest.raises(VerificationError, match=f"bundle.json: {where.replace('[', '.').replace(']', '.')}"):
+    pattern = where.replace("[", ".").replace("]", ".")
+    with pytest.raises(VerificationError, match=f"bundle.json: {pattern}"):
         parse_bundle(_bundle(**over), "m", 2)

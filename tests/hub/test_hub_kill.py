@@ -19,7 +19,8 @@ STEPS = ("refreshed", "bundle", "download-half", "downloaded", "installed", "loa
          "state-written", "collected")
 
 
-def _run(state: Path, server: HubServer, hub: Hub, kill_at: str = "") -> subprocess.CompletedProcess[str]:
+def _run(state: Path, server: HubServer, hub: Hub,
+         kill_at: str = "") -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "tests.hub.killer", str(state), server.url,
             str(hub.meta_dir / "1.root.json")]
     if kill_at:

@@ -197,10 +197,14 @@ def test_older_hub_version_refused_unless_rollback(tmp_path: Path, hub: Hub,
         await sync.sync_once()
         with pytest.raises(HubError, match="older than the active"):
             await sync.activate("m", 1)
-        sync.request("m", sync.rollback_target("m"))
+        sync.request("m", sync.rollback_target("m"), pin=True)
         await sync.sync_once()
         assert _served(sync) == 1
         assert sync.store.model_state("m").previous == [2]
+        # The rollback pins version 1: the next poll does not go forward to the latest again.
+        await sync.sync_once()
+        assert _served(sync) == 1
+        assert sync.store.model_state("m").desired == 1
         await _close(sync)
 
     asyncio.run(go())

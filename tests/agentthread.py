@@ -1,0 +1,75 @@
+"""A real agent started in-process: ``Agent.start()`` in its own thread's event loop (as
+``edgeagent run`` does in the main thread); stopping it runs ``Agent.stop()`` and fails the test
+if any of its threads are left behind. Shared by the HTTP API and hub tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+from edgeagent.app import Agent
+from edgeagent.config import AgentConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class AgentThread:
+    """Runs an :class:`Agent` in a background thread's event loop until :meth:`stop`."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.agent = Agent(config)
+        listen = config.http.listen
+        self.url = f"http://{listen}"
+        self.token = self.agent.token
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),),
+                                        name="api-test-agent")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self.agent.start()
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            await self.agent.stop()
+            return
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.agent.stop()
+
+    def start(self) -> AgentThread:
+        self._thread.start()
+        self._started.wait(120)
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "the agent did not stop"
+        # The manager's pools are shut down without waiting; their threads exit when idle.
+        for thread in threading.enumerate():
+            if thread.name.startswith(("edgeagent-", "asyncio_")):
+                thread.join(30)
+        left = [t.name for t in threading.enumerate()
+                if t.name.startswith(("edgeagent-", "asyncio_", "api-test-agent"))]
+        assert left == [], f"threads left behind: {left}"
