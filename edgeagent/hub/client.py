@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api._payload import TargetFile, Targets  # what tuf.api.metadata re-exports, typed
-from tuf.api.metadata import Metadata
+from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient.updater import Updater
 
 from edgeagent.errors import HubError, VerificationError

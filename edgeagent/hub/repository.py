@@ -29,11 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from securesystemslib.signer._crypto_signer import CryptoSigner  # (not marked exported)
-
-# tuf.api.metadata re-exports these without marking them exported (mypy strict refuses).
-from tuf.api._payload import MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
-from tuf.api.metadata import Metadata
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeagent.errors import HubError, VerificationError
