@@ -299,7 +299,8 @@ class Agent:
             "profile": profile,
             "http": {"listen": self.config.http.listen, "token": self.token is not None},
             "backends": self.registry.status(),
-            "models": self.manager.status(),
+            "models": [{**m, "scheduling": self.scheduler.describe(m["name"])}
+                       for m in self.manager.status()],
             "hub": self.hub.describe() if self.hub else {"configured": bool(self.config.hub.url)},
             "mqtt": self.fleet.status() if self.fleet else {"configured": bool(self.config.mqtt.url)},
         }

@@ -125,6 +125,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f" v{m['version']} {m['format']}/{m['precision']} on {m['provider']}"
         if m.get("fallback"):
             line += f" (fell back: {m['fallback']})"
+        sched = m.get("scheduling") or {}
+        if sched.get("batching", "off") != "off":
+            line += f"; batching {sched['batching']} (max {sched['max_batch_size']})"
         if m.get("last_error"):
             line += f"  error: {m['last_error']}"
         print(line)
