@@ -7,7 +7,6 @@ print one line naming the cause and what to do, never a bare traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ def _load(args: argparse.Namespace) -> AgentConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgeagent.app import Agent
-    from edgeagent.service.lifecycle import Service
+    from edgeagent.service.lifecycle import Service, run_loop
     from edgeagent.service.logs import setup_logging
     from edgeagent.service.notify import Notifier
 
@@ -42,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     apply_logging(config)
     agent = Agent(config, os.environ)
     service = Service(agent, Notifier(os.environ), lambda: _load(args), apply_logging, os.environ)
-    asyncio.run(service.run())
+    run_loop(service.run())
     return 0
 
 
@@ -134,7 +133,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands whose parsers are built here; the others' come from modules that import the hub
+#: stack (tuf, httpx) or paho, which ``edgeagent run`` on a box without them never needs.
+_CORE_COMMANDS = ("run", "install-service", "check-config", "probe", "status")
+
+
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """The ``edgeagent`` parser; ``full=False`` leaves out the hub and fleet commands."""
     parser = argparse.ArgumentParser(
         prog="edgeagent", description="Edge inference runtime and device agent.")
     parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="force a device profile by name")
     p = add("status", cmd_status, "ask the running agent for its state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    if not full:
+        return parser
     from edgeagent.hub.commands import add_hub_commands
 
     add_hub_commands(add)
@@ -178,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edgeagent`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(full=not argv or argv[0] not in _CORE_COMMANDS)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

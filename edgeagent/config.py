@@ -401,6 +401,12 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     return parse_config(data, env, source=str(file))
 
 
+def config_dir(config: AgentConfig) -> Path:
+    """What relative paths in a configuration are relative to: its file's folder (the working
+    directory for embedded defaults)."""
+    return Path(config.source).parent if config.source.endswith(".toml") else Path.cwd()
+
+
 def is_loopback_listen(listen: str) -> bool:
     """Whether an ``http.listen`` value is reachable from this box only."""
     if listen.startswith("unix:"):

@@ -8,35 +8,27 @@ their status by :mod:`edgeagent.api.errors`, the one place that maps them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from edgeagent.api.auth import RequestGuard
-from edgeagent.api.codec import (
-    HEADER_LENGTH,
-    decode_request,
-    encode_response,
-    header_length,
-    parse_json,
-)
+from edgeagent.api.codec import parse_json
 from edgeagent.api.errors import (
     BadRequest,
     NotReady,
-    PayloadTooLarge,
     handle_edgeagent_error,
     handle_http_exception,
     handle_unexpected,
 )
+from edgeagent.api.infer import InferEndpoint, infer_fast_path, parse_version, receive_body
 from edgeagent.api.metrics import CONTENT_TYPE_LATEST, build_registry
 from edgeagent.api.triton import model_config, model_metadata, server_metadata
 from edgeagent.errors import EdgeAgentError, ModelNotFound
@@ -45,42 +37,16 @@ from edgeagent.runtime.scheduler import ModelLimits
 if TYPE_CHECKING:
     from edgeagent.app import Services
 
-#: Bodies (and outputs) above this size are decoded (encoded) in a worker thread, so one large
-#: request never stalls the event loop; smaller ones are cheaper to handle inline.
-OFFLOAD_BYTES = 1 << 20
-
 Handler = Callable[[Request], Awaitable[Response]]
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
-
-    A declared Content-Length is checked before reading; a chunked body is checked as it
-    arrives, so no more than ``limit`` bytes are ever buffered.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(f"Content-Length must be a number of bytes, got {declared!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"the body is {declared} bytes, more than "
-                                  f"http.max_request_bytes ({limit})")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body exceeds http.max_request_bytes ({limit} bytes)")
-    return body
+    """The body of a request to a Starlette route, within ``limit`` (see :func:`receive_body`)."""
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 def _version(request: Request) -> int | None:
-    raw = request.path_params.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise ModelNotFound(f"model {request.path_params['name']!r} has no version {raw!r} "
-                            "(versions are positive integers)")
-    return int(raw)
+    return parse_version(request.path_params["name"], request.path_params.get("version"))
 
 
 class Api:
@@ -148,24 +114,6 @@ class Api:
     async def agent_status(self, request: Request) -> Response:
         return JSONResponse(self.s.status())
 
-    # ---- inference --------------------------------------------------------------------
-
-    async def infer(self, request: Request) -> Response:
-        name, version = request.path_params["name"], _version(request)
-        if self.s.draining():
-            raise NotReady("the agent is shutting down; retry once it is back")
-        self.s.manager.get(name, version)  # unknown or not ready: refuse before reading the body
-        body = await read_body(request, self.http.max_request_bytes)
-        decode = functools.partial(decode_request, body,
-                                   header_length(request.headers.get(HEADER_LENGTH), len(body)),
-                                   self.http.max_tensor_elements)
-        req = decode() if len(body) <= OFFLOAD_BYTES else await run_in_threadpool(decode)
-        mv, outputs = await self.s.scheduler.infer(name, req.inputs, req.output_names, version)
-        encode = functools.partial(encode_response, name, mv.version, req, outputs)
-        size = sum(a.nbytes for a in outputs.values())
-        enc = encode() if size <= OFFLOAD_BYTES else await run_in_threadpool(encode)
-        return Response(enc.body, headers=enc.headers, media_type=enc.media_type)
-
     # ---- model repository extension ---------------------------------------------------
 
     async def _json_object(self, request: Request) -> dict[str, Any]:
@@ -205,15 +153,20 @@ class Api:
         return JSONResponse({"name": name, "state": "UNLOADED"})
 
 
-def _model_routes(suffix: str, handler: Handler, method: str) -> list[Route]:
+def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[Route]:
     """The same route with and without ``/versions/{version}``."""
     return [Route(f"/v2/models/{{name}}{suffix}", handler, methods=[method]),
             Route(f"/v2/models/{{name}}/versions/{{version}}{suffix}", handler, methods=[method])]
 
 
-def build_app(services: Services) -> Starlette:
-    """The ASGI application serving the local API on ``services``."""
+def build_app(services: Services) -> ASGIApp:
+    """The ASGI application serving the local API on ``services``.
+
+    Every request passes the :class:`RequestGuard` (header size, token); inference requests
+    then take the fast path to :class:`InferEndpoint`, the rest go through Starlette.
+    """
     api = Api(services)
+    infer = InferEndpoint(services)
     routes = [
         Route("/v2", api.server_metadata, methods=["GET"]),
         Route("/v2/health/live", api.live, methods=["GET"]),
@@ -224,18 +177,19 @@ def build_app(services: Services) -> Starlette:
         *_model_routes("/ready", api.model_ready, "GET"),
         *_model_routes("/config", api.model_config, "GET"),
         *_model_routes("/stats", api.model_stats, "GET"),
-        *_model_routes("/infer", api.infer, "POST"),
+        # Reached only by methods other than POST (405): POSTs take the fast path.
+        *_model_routes("/infer", infer, "POST"),
         Route("/v2/repository/index", api.repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", api.repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", api.repository_unload, methods=["POST"]),
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/agent/status", api.agent_status, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestGuard, token=services.token,
-                               max_header_bytes=services.config.http.max_header_bytes)],
         exception_handlers={EdgeAgentError: handle_edgeagent_error,
                             HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
     )
+    return RequestGuard(infer_fast_path(app, infer), token=services.token,
+                        max_header_bytes=services.config.http.max_header_bytes)

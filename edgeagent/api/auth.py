@@ -1,7 +1,7 @@
 """Request admission, as ASGI middleware in front of every route: header size, bearer token.
 
-Header fields larger in all than ``http.max_header_bytes`` are refused with 431 (uvicorn's h11
-limit only bounds a header block that arrives in pieces). With ``http.token_file`` configured,
+Header fields larger in all than ``http.max_header_bytes`` are refused with 431 (this is the
+limit: uvicorn's httptools protocol applies none of its own). With ``http.token_file`` configured,
 every request needs ``Authorization: Bearer <token>`` (compared in constant time). Changing
 which models are loaded always needs the token: with none configured, the repository
 load/unload endpoints are refused outright.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import re
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeagent.api.errors import Forbidden, HeadersTooLarge, Unauthorized, error_response
@@ -39,7 +38,13 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> HeadersTooLarge | Unauthorized | Forbidden | None:
-        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # + ": " and CRLF
+        """Why an HTTP request is refused before it reaches a route, or ``None``."""
+        # One pass over the headers: this runs on every request, on the event loop.
+        size, authorization = 0, None
+        for key, value in scope["headers"]:
+            size += len(key) + len(value) + 4  # + ": " and CRLF
+            if key == b"authorization" and authorization is None:  # the first, as Starlette
+                authorization = value  # (ASGI servers hand over lower-case names)
         if size > self._max_header_bytes:
             return HeadersTooLarge(f"the request headers take {size} bytes, more than "
                                    f"http.max_header_bytes ({self._max_header_bytes})")
@@ -47,7 +52,7 @@ class RequestGuard:
             if _REPOSITORY_CHANGE.match(scope["path"]):
                 return Forbidden("configure http.token_file to use the model repository API")
             return None
-        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        scheme, _, given = (authorization or b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not given:
             return Unauthorized("this endpoint needs 'Authorization: Bearer <token>' "
                                 "(the token in http.token_file)")

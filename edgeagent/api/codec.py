@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from edgeagent.api.errors import BadRequest, PayloadTooLarge
 from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, datatype_of
@@ -31,9 +32,9 @@ from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, dataty
 #: The header that splits a body into a JSON part and a binary part.
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-# The stdlib C encoder with compact separators: as fast as default json.dumps or a hand-built
-# join (float repr dominates, ~0.7 us per element on x86-64) and about 10% smaller bodies.
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+# The stdlib encoder, compact, only for outputs holding NaN or infinities: orjson writes those as
+# null, the stdlib (and Triton) as NaN / Infinity, which Python clients read back as floats.
+_dumps_nonfinite = json.JSONEncoder(separators=(",", ":")).encode
 _LENGTH = struct.Struct("<I")
 
 
@@ -87,10 +88,18 @@ def header_length(value: str | None, body_size: int) -> int | None:
     return n
 
 
-def parse_json(data: bytes | bytearray, what: str = "request body") -> Any:
-    """``json.loads`` with a 400 for anything that is not JSON."""
+def parse_json(data: bytes | bytearray | memoryview, what: str = "request body") -> Any:
+    """Parse JSON with orjson (~10x the stdlib's speed on float arrays); a 400 if it is not JSON.
+
+    What orjson refuses is parsed again by the stdlib, so the same documents are accepted as
+    ever (``NaN``/``Infinity`` literals, integers beyond 64 bits) and errors read the same.
+    """
     try:
-        return json.loads(data)
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the {what} is not valid JSON: {exc}") from None
 
@@ -117,7 +126,7 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
     if header_size is None:
         header, binary = parse_json(body), view[len(body):]
     else:
-        header, binary = parse_json(bytes(view[:header_size]), "JSON header"), view[header_size:]
+        header, binary = parse_json(view[:header_size], "JSON header"), view[header_size:]
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     request_id = header.get("id")
@@ -321,7 +330,7 @@ def encode_response(model_name: str, model_version: int, request: InferRequest,
     if request.id is not None:
         header["id"] = request.id
     header["outputs"] = entries
-    head = _dumps(header).encode()
+    head = _dumps(header)
     if not buffers:
         return EncodedResponse(head, {}, "application/json")
     return EncodedResponse(b"".join([head, *buffers]), {HEADER_LENGTH: str(len(head))},
@@ -340,9 +349,29 @@ def _to_binary(arr: np.ndarray, datatype: str) -> bytes | memoryview:
     return b"".join(parts)
 
 
-def _to_json(arr: np.ndarray, name: str, datatype: str) -> list[Any]:
+def _dumps(header: dict[str, Any]) -> bytes:
+    """Compact JSON of a response header whose ``data`` fields may be numpy arrays."""
+    try:
+        return orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        pass  # a float output with NaN or infinities (see _to_json)
+    for entry in header["outputs"]:
+        if isinstance(entry.get("data"), np.ndarray):
+            entry["data"] = entry["data"].tolist()
+    return _dumps_nonfinite(header).encode()
+
+
+def _to_json(arr: np.ndarray, name: str, datatype: str) -> np.ndarray | list[Any]:
     if datatype != "BYTES":
-        flat: list[Any] = arr.reshape(-1).tolist()
+        flat = np.ascontiguousarray(arr.reshape(-1))
+        if flat.dtype.kind == "f":
+            if not np.isfinite(flat).all():
+                # orjson would write null; fail the encode so _dumps uses the stdlib for it.
+                return flat.astype(object)
+            # FP16 goes out as float32: its shortest repr reads back to the same half value,
+            # and every orjson version serialises float32.
+            if flat.dtype == np.float16:
+                flat = flat.astype(np.float32)
         return flat
     out: list[Any] = []
     for item in arr.reshape(-1):

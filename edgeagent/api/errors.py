@@ -113,7 +113,12 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    """A bug, not a bad request: 500 in the protocol's shape (the traceback goes to the log)."""
+def unexpected_response(exc: Exception) -> JSONResponse:
+    """A bug, not a bad request: 500 in the protocol's shape (the caller logs the traceback)."""
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"},
                         status_code=500)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler for anything else (Starlette logs the traceback)."""
+    return unexpected_response(exc)

@@ -6,10 +6,13 @@ A hub-backed deployer implements the same protocol over ``edgeagent.hub``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from edgeagent.errors import ModelNotFound, ModelNotReady
-from edgeagent.hub.sync import HubSync
 from edgeagent.runtime.manager import ModelManager, ModelSource
+
+if TYPE_CHECKING:  # the hub stack (tuf, httpx) is imported only where a hub is configured
+    from edgeagent.hub.sync import HubSync
 
 #: The versions of a model this box can deploy (raises ModelNotFound for an unknown model).
 Catalog = Callable[[str], Awaitable[Mapping[int, ModelSource]]]

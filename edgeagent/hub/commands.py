@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from edgeagent.config import AgentConfig, load_config
+from edgeagent.config import AgentConfig, config_dir, load_config
 from edgeagent.demo import demo_config
 from edgeagent.device.facts import collect_facts
 from edgeagent.device.profiles import load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError, HubError
 from edgeagent.hub.store import ModelStore
-from edgeagent.hub.sync import HubSync, config_dir, profile_chooser
+from edgeagent.hub.sync import HubSync, profile_chooser
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeagent.config import AgentConfig, HubSection, ModelSection
+from edgeagent.config import HubSection, ModelSection
 from edgeagent.device.plan import rank_variants
 from edgeagent.errors import EdgeAgentError, HubError, ModelNotFound, ModelNotReady
 from edgeagent.hub.bundle import Bundle, Variant, bundle_path, read_checks
@@ -90,12 +90,6 @@ class SyncStatus:
     last_error: str = ""
     next_retry_s: float | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def config_dir(config: AgentConfig) -> Path:
-    """What relative paths in a configuration are relative to: its file's folder (the working
-    directory for embedded defaults)."""
-    return Path(config.source).parent if config.source.endswith(".toml") else Path.cwd()
 
 
 def trusted_root_path(hub: HubSection, base_dir: Path | None) -> Path:

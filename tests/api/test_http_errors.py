@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -251,6 +253,26 @@ def test_tensor_elements_over_the_limit(http: httpx.Client) -> None:
 
 def test_header_over_the_limit(http: httpx.Client) -> None:
     _error(http.get("/v2", headers={"X-Big": "x" * (70 * 1024)}), 431, "max_header_bytes")
+
+
+def test_endless_header_is_cut_off(agent: AgentThread, http: httpx.Client) -> None:
+    # A head that never ends is not buffered without end: past the bound the agent answers 431
+    # and closes the connection, while the client is still sending.
+    host, port = agent.url.removeprefix("http://").rsplit(":", 1)
+    sent, answer = 0, b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):  # the agent closed the connection
+            for _ in range(64):  # 16 MiB at most
+                sock.sendall(b"y" * (256 * 1024))
+                sent += 256 * 1024
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert sent < 16 << 20, "the agent kept reading an endless request head"
+    # The answer is lost only if the kernel resets the connection before the client reads it.
+    assert not answer or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert not answer or b"max_header_bytes" in answer
 
 
 # ---- unknown things, methods, auth --------------------------------------------------------
