@@ -81,26 +81,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def _api_get(config: AgentConfig, path: str) -> Any:
     import httpx
 
-    listen = config.http.listen
-    headers = {}
-    if config.http.token_file:
-        headers["Authorization"] = f"Bearer {Path(config.http.token_file).read_text().strip()}"
-    if listen.startswith("unix:"):
-        transport = httpx.HTTPTransport(uds=listen[5:])
-        base = "http://edgeagent"
-    else:
-        transport = httpx.HTTPTransport()
-        host, _, port = listen.rpartition(":")
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1"
-        base = f"http://{host}:{port}"
+    from edgeagent.localapi import local_client
+
     try:
-        with httpx.Client(transport=transport, base_url=base, timeout=10) as client:
-            response = client.get(path, headers=headers)
+        with local_client(config, timeout=10) as client:
+            response = client.get(path)
     except httpx.HTTPError as exc:
         raise EdgeAgentError(
-            f"cannot reach the agent at {listen} ({exc}); is it running? (systemctl status edgeagent)"
-        ) from exc
+            f"cannot reach the agent at {config.http.listen} ({exc}); is it running? "
+            "(systemctl status edgeagent)") from exc
     if response.status_code != 200:
         raise EdgeAgentError(f"the agent answered {response.status_code}: {response.text.strip()}")
     return response.json()

@@ -24,6 +24,7 @@ from edgeagent.device.profiles import load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError, HubError
 from edgeagent.hub.store import ModelStore
 from edgeagent.hub.sync import HubSync, profile_chooser
+from edgeagent.localapi import local_client
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -57,20 +58,9 @@ def _sync(config: AgentConfig) -> HubSync:
 
 def _ask_agent(config: AgentConfig, name: str) -> str:
     """Ask a running agent to reload ``name``; say what happened."""
-    listen = config.http.listen
-    headers = {}
-    if config.http.token_file:
-        headers["Authorization"] = f"Bearer {Path(config.http.token_file).read_text().strip()}"
-    if listen.startswith("unix:"):
-        transport, base = httpx.HTTPTransport(uds=listen[5:]), "http://edgeagent"
-    else:
-        host, _, port = listen.rpartition(":")
-        # A wildcard listen is reached on loopback.
-        host = "127.0.0.1" if host in ("0.0.0.0", "[::]") else host  # noqa: S104
-        transport, base = httpx.HTTPTransport(), f"http://{host}:{port}"
     try:
-        with httpx.Client(transport=transport, base_url=base, timeout=600) as client:
-            response = client.post(f"/v2/repository/models/{name}/load", headers=headers)
+        with local_client(config, timeout=600) as client:
+            response = client.post(f"/v2/repository/models/{name}/load")
     except httpx.HTTPError:
         return "the agent is not running; it will try this version when it starts"
     if response.status_code != 200:

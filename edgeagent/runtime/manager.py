@@ -25,6 +25,7 @@ from edgeagent.device.plan import ProviderPlan
 from edgeagent.errors import EdgeAgentError, ModelError, ModelNotFound, ModelNotReady
 from edgeagent.runtime.base import LoadedModel
 from edgeagent.runtime.inspect import PRECISIONS, onnx_precision, sha256_file
+from edgeagent.runtime.memory import release_free_heap
 from edgeagent.runtime.registry import BackendRegistry, model_format
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ class ModelManager:
         except EdgeAgentError as exc:
             model.close()
             raise ModelError(f"{name} version {source.version}: {exc}") from exc
+        finally:
+            release_free_heap()  # what loading freed (copies of the weights), back to the OS
         return ModelVersion(name, source, fmt, precision, why, sha, plan, model)
 
     async def unload(self, name: str) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
+from edgeagent.api import codec
 from edgeagent.api.codec import (
     InferRequest,
     RequestedOutput,
@@ -148,3 +149,65 @@ def test_overloaded_says_when_to_retry() -> None:
     response = error_response(Overloaded("queue full", retry_after_s=2.5))
     assert response.status_code == 503
     assert response.headers["retry-after"] == "3"
+
+
+# ---- large JSON bodies: the simdjson path decodes exactly as the general one ----------------
+
+
+def _decoded(body: bytes, monkeypatch: pytest.MonkeyPatch, simd: bool) -> Any:
+    """decode_request's result (or its error message) with the simdjson path on or off."""
+    monkeypatch.setattr(codec, "SIMD_MIN_BYTES", 0 if simd else 1 << 62)
+    try:
+        req = decode_request(bytearray(body), None, 1 << 30)
+    except BadRequest as exc:
+        return f"BadRequest: {exc}"
+    return {name: (arr.dtype.str, arr.shape, arr.tolist() if arr.dtype == object else arr.tobytes())
+            for name, arr in req.inputs.items()}
+
+
+def _body(datatype: str, shape: list[int], data: Any, extra: str = "") -> bytes:
+    return (f'{{"id":"x","inputs":[{{"name":"x","datatype":"{datatype}",'
+            f'"shape":{json.dumps(shape)},"data":{data}{extra}}}]}}').encode()
+
+
+@pytest.mark.parametrize("body", [
+    _body("FP32", [2, 3], json.dumps([0.1, 2, -3.5e-8, 1e30, 4, 5.25])),
+    _body("FP16", [3], "[0.1, 65504, 1e-7]"),
+    _body("FP64", [2], "[0.1, 1e300]"),
+    _body("FP32", [2, 2], "[[1, 2], [3, 4]]"),           # nested
+    _body("FP32", [3], "[[1, 2], [3]]"),                # ragged
+    _body("FP32", [1, 1], "[[1]]"),
+    _body("FP32", [2], "[1, true]"),                    # a bool among floats
+    _body("FP32", [2], "[1, NaN]"),                     # not JSON; the stdlib takes it
+    _body("FP32", [3], "[1, 2]"),                       # too few values
+    _body("FP32", [2], '[1, "2"]'),
+    _body("FP32", [2], "[1, 1e400]"),
+    _body("INT8", [3], "[-128, 0, 127]"),
+    _body("INT8", [2], "[1, 300]"),                     # out of range
+    _body("INT32", [2], "[1, 2.5]"),                    # a float for an integer type
+    _body("UINT8", [2], "[1, -1]"),
+    _body("UINT64", [2], "[0, 18446744073709551615]"),
+    _body("INT64", [2], "[-9223372036854775808, 9223372036854775807]"),
+    _body("INT64", [1], "[9223372036854775808]"),
+    _body("BOOL", [2], "[true, false]"),
+    _body("BYTES", [2], '["a", "b"]'),
+    _body("FP32", [0], "[]"),
+    _body("FP32", [2], '{"a": 1}'),
+    _body("FP32", [2], "[1, 2]", ', "parameters": {"binary_data_size": 8}'),
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]]}',  # broken
+    b'[1, 2]',
+], ids=lambda b: b.decode()[:80])
+def test_large_json_paths_agree(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _decoded(body, monkeypatch, simd=True) == _decoded(body, monkeypatch, simd=False)
+
+
+def test_large_json_image_takes_the_simd_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An image-sized FP32 tensor reaches _from_json as a float64 array, not a list of floats,
+    # and comes out exactly as numpy converts the same Python floats.
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    body = _body("FP32", list(x.shape), json.dumps(x.reshape(-1).tolist()))
+    header = codec._parse_large(body)
+    assert header is not None and isinstance(header["inputs"][0]["data"], np.ndarray)
+    req = decode_request(bytearray(body), None, 1 << 30)
+    np.testing.assert_array_equal(req.inputs["x"], x)
+    assert req.id == "x"
