@@ -102,7 +102,7 @@ def make_fixtures(out: Path) -> list[Path]:
     """
     # TensorFlow's start-up chatter (oneDNN notices, CUDA probing) is not this script's output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # noqa: PLC0415 - heavy, and only after the log level is set
+    import tensorflow as tf  # heavy, and only after the log level is set
 
     keras = tf.keras
     out.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,8 @@ def _checks(path: Path, reference: Path | None, atol: float, rtol: float
             ) -> tuple[bytes, float, float]:
     """The checks archive (inputs/NAME, outputs/NAME) and its tolerances."""
     arrays = load_samples(path)
+    # Values typed Any: np.savez types its **kwds together with its allow_pickle flag.
+    data: dict[str, Any]
     if any(k.startswith("outputs/") for k in arrays):
         meta = path.with_suffix(".json")
         if meta.is_file():  # edgeconvert validate --write-checks

@@ -58,7 +58,8 @@ def read_token(config: AgentConfig) -> str | None:
         try:
             token = Path(config.http.token_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read the token file: {exc.strerror}", "http.token_file") from exc
+            raise ConfigError(f"cannot read the token file: {exc.strerror}",
+                              "http.token_file") from exc
         if len(token) < 16:
             raise ConfigError("the token must be at least 16 characters", "http.token_file")
     if token is None and not is_loopback_listen(config.http.listen):
@@ -96,8 +97,9 @@ class Agent:
         self.facts: DeviceFacts | None = None
         self.profile: ProfileSelection | None = None
         self.registry = BackendRegistry()
-        self.manager = ModelManager(self.registry, self._plan,
-                                    infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
+        self.manager = ModelManager(
+            self.registry, self._plan,
+            infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
         base = self.base_dir = config_dir(config)
         self.scheduler = InferenceScheduler(self.manager)
         self.repository = ModelRepository(self.manager, base)
@@ -114,7 +116,8 @@ class Agent:
     # ---- wiring -------------------------------------------------------------------------
 
     def _plan(self, fmt: str, precision: str, sha256: str) -> ProviderPlan:
-        assert self.facts is not None and self.profile is not None, "planned before start()"
+        assert self.facts is not None, "planned before start()"
+        assert self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
                               cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
 
@@ -185,6 +188,8 @@ class Agent:
         else:
             host, _, port = listen.rpartition(":")
             kwargs.update(host=host.strip("[]"), port=int(port))
+        # uvicorn annotates int, but hands the value to asyncio.wait_for (a float is fine).
+        grace: Any = self.config.agent.shutdown_grace_s
         config = uvicorn.Config(
             build_app(self.services),
             log_config=None,
@@ -194,7 +199,7 @@ class Agent:
             # httptools (C) parses ~20 % faster than h11; it bounds no request head of its own,
             # so the protocol class does (431; complete heads are checked by RequestGuard).
             http=bounded_protocol(self.config.http.max_header_bytes),
-            timeout_graceful_shutdown=self.config.agent.shutdown_grace_s,
+            timeout_graceful_shutdown=grace,
             **kwargs,
         )
         server = uvicorn.Server(config)
@@ -307,5 +312,6 @@ class Agent:
             "models": [{**m, "scheduling": self.scheduler.describe(m["name"])}
                        for m in self.manager.status()],
             "hub": self.hub.describe() if self.hub else {"configured": bool(self.config.hub.url)},
-            "mqtt": self.fleet.status() if self.fleet else {"configured": bool(self.config.mqtt.url)},
+            "mqtt": (self.fleet.status() if self.fleet
+                     else {"configured": bool(self.config.mqtt.url)}),
         }

@@ -101,7 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     prof = status.get("profile") or {}
-    print(f"edgeagent {status['version']}  device {status['device_id']}  up {status['uptime_s']:.0f} s")
+    print(f"edgeagent {status['version']}  device {status['device_id']}  "
+          f"up {status['uptime_s']:.0f} s")
     print(f"profile   {prof.get('name')}  ({prof.get('reason')})")
     print(f"http      {status['http']['listen']}")
     for key in ("hub", "mqtt"):

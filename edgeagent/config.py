@@ -176,6 +176,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"expected a list, got {value!r}", key)
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """Check one value against a scalar annotation (bool, int, float, str)."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {value!r}", key)
@@ -226,7 +231,8 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 def _check_listen(listen: str) -> None:
     if listen.startswith("unix:"):
         if not listen[5:]:
-            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)", "http.listen")
+            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)",
+                              "http.listen")
         return
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -246,7 +252,13 @@ def _check_listen(listen: str) -> None:
 
 def _validate(cfg: AgentConfig) -> None:
     """Cross-field rules that the types alone do not express."""
-    a, h, hub, m = cfg.agent, cfg.http, cfg.hub, cfg.mqtt
+    _validate_agent_http(cfg.agent, cfg.http)
+    _validate_hub(cfg.hub)
+    _validate_mqtt(cfg.mqtt)
+    _validate_models(cfg.models, cfg.hub)
+
+
+def _validate_agent_http(a: AgentSection, h: HttpSection) -> None:
     if a.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"expected one of {', '.join(_LOG_LEVELS)}", "agent.log_level")
     if a.log_format not in ("auto", "text", "json"):
@@ -255,6 +267,9 @@ def _validate(cfg: AgentConfig) -> None:
     _check_listen(h.listen)
     for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements"):
         _positive(getattr(h, key), f"http.{key}")
+
+
+def _validate_hub(hub: HubSection) -> None:
     if hub.url and not hub.url.startswith(("http://", "https://", "file://")):
         raise ConfigError("expected an http://, https:// or file:// URL", "hub.url")
     if hub.url and not hub.root:
@@ -266,26 +281,35 @@ def _validate(cfg: AgentConfig) -> None:
     _positive(hub.poll_interval_s, "hub.poll_interval_s")
     _positive(hub.keep_versions, "hub.keep_versions", allow_zero=True)
     _positive(hub.disk_budget_mb, "hub.disk_budget_mb", allow_zero=True)
+
+
+def _validate_mqtt(m: MqttSection) -> None:
     if m.url and not m.url.startswith(("mqtt://", "mqtts://")):
         raise ConfigError("expected an mqtt:// or mqtts:// URL", "mqtt.url")
     if m.protocol not in ("5", "3.1.1"):
         raise ConfigError('expected "5" or "3.1.1"', "mqtt.protocol")
     if bool(m.cert_file) != bool(m.key_file):
-        raise ConfigError("a client certificate needs both cert_file and key_file", "mqtt.cert_file")
+        raise ConfigError("a client certificate needs both cert_file and key_file",
+                          "mqtt.cert_file")
     for key in ("keepalive_s", "telemetry_interval_s", "spool_max_messages", "spool_max_bytes"):
         _positive(getattr(m, key), f"mqtt.{key}")
     if not m.topic_prefix or any(c in m.topic_prefix for c in "#+"):
         raise ConfigError("must be non-empty and free of MQTT wildcards", "mqtt.topic_prefix")
+
+
+def _validate_models(models: tuple[ModelSection, ...], hub: HubSection) -> None:
     seen: set[str] = set()
-    for i, model in enumerate(cfg.models):
+    for i, model in enumerate(models):
         key = f"models[{i}]"
         if not model.name or not all(c.isalnum() or c in "-_." for c in model.name):
-            raise ConfigError("a model name uses letters, digits, '-', '_' and '.' only", f"{key}.name")
+            raise ConfigError("a model name uses letters, digits, '-', '_' and '.' only",
+                              f"{key}.name")
         if model.name in seen:
             raise ConfigError(f"model {model.name!r} is configured twice", f"{key}.name")
         seen.add(model.name)
         if model.path and model.version is not None:
-            raise ConfigError("give either version (from the hub) or path (local file), not both", key)
+            raise ConfigError(
+                "give either version (from the hub) or path (local file), not both", key)
         if not model.path and model.version is None:
             raise ConfigError("give version (an integer or \"latest\") or path", key)
         if isinstance(model.version, str) and model.version != "latest":

@@ -28,7 +28,8 @@ def test_model_runs_on_the_gpu_and_matches_cpu(gpu_facts: DeviceFacts, tmp_path:
     assert model.provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider"), model.attempts
     x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     got = model.run(model.validate({"input": x}))["logits"]
-    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = cpu.run(None, {"input": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 

@@ -18,7 +18,8 @@ def test_embedded_defaults_when_no_file(tmp_path: Path) -> None:
     assert cfg.agent.profile == "auto"
     assert cfg.hub.url == "" and cfg.mqtt.url == ""
     assert cfg.state_path({}) == Path("edgeagent-data")
-    assert cfg.state_path({"STATE_DIRECTORY": "/var/lib/edgeagent:/x"}) == Path("/var/lib/edgeagent")
+    state_directory = {"STATE_DIRECTORY": "/var/lib/edgeagent:/x"}
+    assert cfg.state_path(state_directory) == Path("/var/lib/edgeagent")
 
 
 def test_file_and_env_overrides(tmp_path: Path) -> None:
@@ -86,7 +87,7 @@ def test_bad_values_name_their_key(doc: dict, key: str, words: str) -> None:
 def test_bad_env_override_is_named() -> None:
     with pytest.raises(ConfigError, match="EDGEAGENT_NOPE"):
         parse_config({}, {"EDGEAGENT_NOPE": "1"})
-    with pytest.raises(ConfigError, match="http.max_request_bytes"):
+    with pytest.raises(ConfigError, match=r"http\.max_request_bytes"):
         parse_config({}, {"EDGEAGENT_HTTP__MAX_REQUEST_BYTES": "lots"})
 
 

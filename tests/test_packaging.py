@@ -32,7 +32,8 @@ def test_public_api_is_pinned() -> None:
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:
     """pyproject lists packages by hand (two are mapped from other folders): keep it in step."""
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
     found = {
         ".".join(p.parent.relative_to(REPO).parts)
         for p in (REPO / "edgeagent").rglob("*.py")
@@ -58,7 +59,8 @@ def test_wheel_carries_profiles_and_converters(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("edgeagent-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    profiles = {n for n in names if n.startswith("edgeagent/device_profiles/") and n.endswith(".toml")}
+    profiles = {n for n in names
+                if n.startswith("edgeagent/device_profiles/") and n.endswith(".toml")}
     assert "edgeagent/device_profiles/x86-64-cpu.toml" in profiles
     assert len(profiles) >= 10
     assert "edgeconvert/cli.py" in names

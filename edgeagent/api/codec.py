@@ -28,7 +28,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import orjson
@@ -36,7 +36,7 @@ import orjson
 try:  # optional speed-up for large JSON tensors (see the module docstring)
     import simdjson
 except ImportError:  # pragma: no cover - a core dependency; absent only on exotic platforms
-    simdjson = None
+    simdjson = None  # type: ignore[assignment]  # _parse_large checks for None first
 
 from edgeagent.api.errors import BadRequest, PayloadTooLarge
 from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, datatype_of
@@ -54,9 +54,11 @@ _LENGTH = struct.Struct("<I")
 SIMD_MIN_BYTES = 256 * 1024
 
 #: simdjson's buffer element type for each datatype whose JSON data it can read exactly.
-_SIMD_BUFFER = {"FP16": "d", "FP32": "d", "FP64": "d",
-                **{f"INT{b}": "i" for b in (8, 16, 32, 64)},
-                **{f"UINT{b}": "u" for b in (8, 16, 32, 64)}}
+_SIMD_BUFFER: dict[str, Literal["d", "i", "u"]] = {
+    "FP16": "d", "FP32": "d", "FP64": "d",
+    **{f"INT{b}": "i" for b in (8, 16, 32, 64)},
+    **{f"UINT{b}": "u" for b in (8, 16, 32, 64)},
+}
 _SIMD_DTYPE = {"d": np.float64, "i": np.int64, "u": np.uint64}
 
 
@@ -368,7 +370,7 @@ def _from_flat(flat: np.ndarray, datatype: str) -> np.ndarray | None:
     numbers; ``None`` for integers the datatype cannot hold (numpy refuses those)."""
     dtype = np.dtype(DATATYPE_TO_NUMPY[datatype])
     if dtype.kind in "iu" and flat.size:
-        info = np.iinfo(dtype)
+        info = np.iinfo(cast("np.dtype[np.integer[Any]]", dtype))  # kind "i" or "u"
         if flat.min() < info.min or flat.max() > info.max:
             return None
     return flat.astype(dtype, copy=False)

@@ -56,7 +56,8 @@ class TensorSpec:
     quantization: QuantParams | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype,
+                               "shape": list(self.shape)}
         if self.quantization is not None:
             out["quantization"] = self.quantization.to_dict()
         return out
@@ -65,7 +66,7 @@ class TensorSpec:
         """Whether a concrete shape fits this spec (same rank, fixed dims equal)."""
         if len(shape) != len(self.shape):
             return False
-        return all(want in (-1, got) for want, got in zip(self.shape, shape))
+        return all(want in (-1, got) for want, got in zip(self.shape, shape, strict=True))
 
 
 @dataclass
@@ -91,7 +92,8 @@ class LoadedModel(abc.ABC):
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    #: The provider or delegate that actually runs the model (``CPUExecutionProvider``, ``xnnpack``).
+    #: The provider or delegate that actually runs the model (``CPUExecutionProvider``,
+    #: ``xnnpack``).
     provider: str
     #: Every provider tried, in order, with why the ones before ``provider`` failed.
     attempts: list[ProviderAttempt]

@@ -73,4 +73,5 @@ def datatype_of(dtype: np.dtype[np.generic]) -> str:
     try:
         return _NUMPY_TO_DATATYPE[dt]
     except KeyError:
-        raise InferenceInputError(f"numpy dtype {dt} has no Open Inference Protocol datatype") from None
+        raise InferenceInputError(
+            f"numpy dtype {dt} has no Open Inference Protocol datatype") from None

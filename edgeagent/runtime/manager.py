@@ -70,7 +70,9 @@ INLINE_RUN_NS = 50_000
 class ModelVersion:
     """One loaded version of a model, with the leases of the requests using it."""
 
-    def __init__(self, name: str, source: ModelSource, fmt: str, precision: str,
+    # Built in one place (ModelManager._prepare) from the results of a load; the
+    # positional signature mirrors that call.
+    def __init__(self, name: str, source: ModelSource, fmt: str, precision: str,  # noqa: PLR0917
                  precision_reason: str, sha256: str, plan: ProviderPlan,
                  model: LoadedModel) -> None:
         self.name = name
@@ -193,7 +195,8 @@ def run_checks(model: LoadedModel, checks: Sequence[ModelCheck]) -> None:
             have = got[name]
             if have.shape != want.shape:
                 raise ModelError(
-                    f"check {i}: output {name!r} has shape {list(have.shape)}, expected {list(want.shape)}"
+                    f"check {i}: output {name!r} has shape {list(have.shape)}, "
+                    f"expected {list(want.shape)}"
                 )
             a, b = have.astype(np.float64), want.astype(np.float64)
             if not np.allclose(a, b, atol=check.atol, rtol=check.rtol):
@@ -257,7 +260,8 @@ class ModelManager:
                          name, new.version, old.version, old.in_flight)
             log.info("model %s version %d ready on %s (%s, %s)%s", name, new.version,
                      new.model.provider, new.format, new.precision,
-                     f"; fell back: {new.model.fallback_reason}" if new.model.fallback_reason else "")
+                     f"; fell back: {new.model.fallback_reason}"
+                     if new.model.fallback_reason else "")
             self._changed(name)
             return new
 
@@ -408,7 +412,8 @@ class ModelManager:
         out = []
         for name in self.names():
             slot = self._slots[name]
-            entry: dict[str, Any] = {"name": name, "state": slot.state, "last_error": slot.last_error}
+            entry: dict[str, Any] = {"name": name, "state": slot.state,
+                                     "last_error": slot.last_error}
             if slot.active is not None:
                 entry.update(slot.active.describe())
                 entry["in_flight"] = slot.active.in_flight

@@ -29,7 +29,8 @@ def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
     for arg in args:
         datatype = ORT_TO_DATATYPE.get(arg.type)
         if datatype is None:
-            raise ModelError(f"tensor {arg.name!r} has type {arg.type}, which edgeagent cannot serve")
+            raise ModelError(
+                f"tensor {arg.name!r} has type {arg.type}, which edgeagent cannot serve")
         # Symbolic ("batch") and unknown (None) dimensions are both dynamic.
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
         specs.append(TensorSpec(arg.name, datatype, shape))
@@ -69,7 +70,7 @@ class OnnxModel(LoadedModel):
             results = self._session.run(names, feeds)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeError
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
         # Dropping the only reference frees the session (and its GPU memory) promptly.
@@ -139,14 +140,16 @@ class OnnxBackend(Backend):
         last_exc: Exception | None = None
         for i, (name, options) in enumerate(planned):
             if name not in available:
-                attempts.append(ProviderAttempt(name, False, "not offered by this onnxruntime build"))
+                attempts.append(
+                    ProviderAttempt(name, False, "not offered by this onnxruntime build"))
                 continue
             chain = [(name, options)] if name == CPU else [(name, options), (CPU, {})]
             try:
                 session = self._session(path, chain, plan.threads)
-            except Exception as exc:  # noqa: BLE001 - every onnxruntime failure is a fallback
+            except Exception as exc:  # every onnxruntime failure is a fallback
                 last_exc = exc
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = (str(exc).strip().splitlines()[0] if str(exc).strip()
+                          else type(exc).__name__)
                 attempts.append(ProviderAttempt(name, False, reason))
                 if name == CPU or self._is_model_fault(exc):
                     break

@@ -41,8 +41,9 @@ def model_format(path: Path) -> str:
         raise ModelError(f"{path}: cannot read: {exc.strerror}") from exc
     if fmt == "tflite" and head[4:8] != b"TFL3":
         raise ModelError(f"{path.name}: not a TFLite flatbuffer (no TFL3 identifier)")
-    if fmt == "onnx" and (len(head) < 2 or head[:1] not in (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42")):
-        # An ONNX ModelProto starts with one of its field tags (ir_version, producer, graph...).
+    # An ONNX ModelProto starts with one of its field tags (ir_version, producer, graph...).
+    onnx_tags = (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42")
+    if fmt == "onnx" and (len(head) < 2 or head[:1] not in onnx_tags):
         raise ModelError(f"{path.name}: not an ONNX protobuf")
     return fmt
 

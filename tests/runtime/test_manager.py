@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ class GatedBackend(Backend):
     name = "gated"
     formats = ("onnx",)
     gate = threading.Event()
-    made: list[GatedModel] = []
+    made: ClassVar[list[GatedModel]] = []
 
     def load(self, path: Path, plan: ProviderPlan) -> LoadedModel:
         factor = float(path.read_bytes()[1:].decode())
@@ -112,7 +113,8 @@ def test_swap_lets_running_requests_finish_on_the_old_version(
     async def go() -> None:
         mgr = gated_manager
         GatedBackend.gate.set()  # warm-up must pass
-        await mgr.load("m", ModelSource(gated_file(tmp_path, "v1", 2.0), precision="fp32", version=1))
+        await mgr.load("m", ModelSource(gated_file(tmp_path, "v1", 2.0), precision="fp32",
+                                        version=1))
         GatedBackend.gate.clear()
         x = np.array([1.0, 2.0], np.float32)
         running = asyncio.create_task(mgr.infer("m", {"x": x}))
@@ -121,7 +123,8 @@ def test_swap_lets_running_requests_finish_on_the_old_version(
         # Load v2 while v1 has a request in flight: v2's warm-up is gated too, so open the gate
         # from a thread shortly after v2's load has started.
         threading.Timer(0.2, GatedBackend.gate.set).start()
-        await mgr.load("m", ModelSource(gated_file(tmp_path, "v2", 10.0), precision="fp32", version=2))
+        await mgr.load("m", ModelSource(gated_file(tmp_path, "v2", 10.0), precision="fp32",
+                                        version=2))
         v1_model, v2_model = GatedBackend.made
         mv, out = await running
         assert mv.version == 1
@@ -139,22 +142,24 @@ def test_failed_load_keeps_old_version_serving(tmp_path: Path, gated_manager: Mo
     async def go() -> None:
         mgr = gated_manager
         GatedBackend.gate.set()
-        await mgr.load("m", ModelSource(gated_file(tmp_path, "v1", 2.0), precision="fp32", version=1))
+        await mgr.load("m", ModelSource(gated_file(tmp_path, "v1", 2.0), precision="fp32",
+                                        version=1))
         with pytest.raises(ModelError, match="negative"):
-            await mgr.load("m", ModelSource(gated_file(tmp_path, "v2", -1.0), precision="fp32", version=2))
+            await mgr.load("m", ModelSource(gated_file(tmp_path, "v2", -1.0), precision="fp32",
+                                            version=2))
         assert mgr.get("m").version == 1
         assert mgr.slot("m").state == "ready"
         assert "negative" in mgr.slot("m").last_error
         x = np.ones(3, np.float32)
         bad_check = ModelCheck({"x": x}, {"y": x * 3.0}, atol=1e-6, rtol=0)
         with pytest.raises(ModelError, match=r"check 0: output 'y' is off by up to 1"):
-            await mgr.load("m", ModelSource(gated_file(tmp_path, "v3", 4.0), precision="fp32", version=3,
-                                            checks=(bad_check,)))
+            await mgr.load("m", ModelSource(gated_file(tmp_path, "v3", 4.0), precision="fp32",
+                                            version=3, checks=(bad_check,)))
         assert mgr.get("m").version == 1
         assert GatedBackend.made[-1].closed  # the refused version's session is released
         good_check = ModelCheck({"x": x}, {"y": x * 5.0})
-        await mgr.load("m", ModelSource(gated_file(tmp_path, "v4", 5.0), precision="fp32", version=4,
-                                        checks=(good_check,)))
+        await mgr.load("m", ModelSource(gated_file(tmp_path, "v4", 5.0), precision="fp32",
+                                        version=4, checks=(good_check,)))
         assert mgr.get("m").version == 4
         await mgr.unload("m")
         with pytest.raises(ModelNotReady):
@@ -167,9 +172,10 @@ def test_failed_load_keeps_old_version_serving(tmp_path: Path, gated_manager: Mo
 def test_first_load_failure_marks_failed(tmp_path: Path, gated_manager: ModelManager) -> None:
     async def go() -> None:
         with pytest.raises(ModelError):
-            await gated_manager.load("m", ModelSource(gated_file(tmp_path, "v", -1.0), precision="fp32"))
+            await gated_manager.load("m", ModelSource(gated_file(tmp_path, "v", -1.0),
+                                                      precision="fp32"))
         assert gated_manager.slot("m").state == "failed"
-        with pytest.raises(ModelNotReady, match="failed: .*negative"):
+        with pytest.raises(ModelNotReady, match=r"failed: .*negative"):
             gated_manager.get("m")
         await gated_manager.close()
 
