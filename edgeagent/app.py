@@ -9,6 +9,7 @@ within the grace period, unload models.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.runtime.inspect import sha256_file
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.repository import ModelRepository
@@ -150,7 +152,7 @@ class Agent:
             self.hub = HubSync(self.config.hub, models, self.state_dir, self.manager,
                                profile_chooser(self.profile.profile, self.facts),
                                base_dir=self.base_dir)
-            self.repository.set_hub_resolver(self.hub.resolve)
+            self.repository.set_hub_resolver(self.hub.resolve, self.hub.loaded)
         self.repository.configure(models)
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
         await self.load_models()
@@ -220,7 +222,9 @@ class Agent:
 
         Models added are loaded, removed ones unloaded, changed ones reloaded (the old version
         serves until the new one is ready), limits applied; the rest waits for a restart and is
-        listed in the returned plan (see :mod:`edgeagent.service.reload`).
+        listed in the returned plan (see :mod:`edgeagent.service.reload`). A model configured
+        by ``path`` whose file was replaced since it was loaded, or that failed to load, is
+        loaded again too.
         """
         plan = plan_reload(self.config, demo_config(config, self.state_dir))
         self.config = self.services.config = plan.config
@@ -234,8 +238,42 @@ class Agent:
         for name in plan.unload:
             await self.manager.unload(name)
             self.manager.forget(name)
+        again = await self._model_files_to_reload(plan.load)
+        if again:
+            plan = dataclasses.replace(plan, load=plan.load + again)
         await self.load_models(plan.load)
         return plan
+
+    async def _model_files_to_reload(self, planned: tuple[str, ...]) -> tuple[str, ...]:
+        """Models configured by ``path`` whose file no longer holds what is served (replaced
+        in place: the usual way to update a local model), or that are not serving because
+        their last load failed."""
+        loop = asyncio.get_running_loop()
+        again = []
+        for name in self.repository.names():
+            if name in planned:
+                continue
+            try:
+                source = await self.repository.source_for(name)
+            except EdgeAgentError:
+                continue
+            if source.origin != "path":
+                continue  # hub versions never change in place
+            if not self.manager.ready(name):
+                if self.manager.slot(name).state == "failed":
+                    log.info("model %s: trying its file again", name)
+                    again.append(name)
+                continue
+            try:
+                sha = await loop.run_in_executor(None, sha256_file, source.path)
+            except OSError as exc:
+                log.warning("model %s: cannot read %s (%s); it keeps serving what it loaded",
+                            name, source.path, exc.strerror)
+                continue
+            if sha != self.manager.get(name).sha256:
+                log.info("model %s: %s was replaced; loading it", name, source.path)
+                again.append(name)
+        return tuple(again)
 
     async def _start_mqtt(self) -> None:
         from edgeagent.control.deploy import CatalogDeployer, HubDeployer

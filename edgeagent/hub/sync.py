@@ -373,6 +373,12 @@ class HubSync:
             if not self._manager_loading(name):  # else judged on the next pass, once loaded
                 await self._run(self.reconcile, name)
 
+    async def loaded(self, name: str) -> None:
+        """A load through the repository (start-up, the load endpoint) has ended: record what
+        it did now, not on the next poll (an operator's ``rollback`` right after ``pull`` must
+        see the version ``pull`` activated as the active one)."""
+        await self._reconcile(name)
+
     # ---- operator actions ---------------------------------------------------------------
 
     def request(self, name: str, version: int, *, pin: bool) -> None:

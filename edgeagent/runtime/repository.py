@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Resolves a configured hub model to what to load (the hub issue provides it).
 HubResolver = Callable[[ModelSection], Awaitable[ModelSource]]
+#: Told, by name, when a load of a hub model through the repository has ended, either way.
+HubLoaded = Callable[[str], Awaitable[None]]
 
 
 @dataclass
@@ -39,9 +41,13 @@ class ModelRepository:
         self._base_dir = base_dir
         self._known: dict[str, KnownModel] = {}
         self._hub_resolver = hub_resolver
+        self._hub_loaded: HubLoaded | None = None
 
-    def set_hub_resolver(self, resolver: HubResolver | None) -> None:
-        self._hub_resolver = resolver
+    def set_hub_resolver(self, resolver: HubResolver | None,
+                         loaded: HubLoaded | None = None) -> None:
+        """Where hub models come from, and who records what their loads did (the hub's
+        state: active version, failures), before :meth:`load` returns."""
+        self._hub_resolver, self._hub_loaded = resolver, loaded
 
     def configure(self, sections: tuple[ModelSection, ...]) -> None:
         """Make the configured models known (and the manager aware of them)."""
@@ -71,8 +77,17 @@ class ModelRepository:
         return await self._hub_resolver(section)
 
     async def load(self, name: str) -> ModelVersion:
-        """(Re)load a known model; the running version serves until the new one is ready."""
-        return await self._manager.load(name, await self.source_for(name))
+        """(Re)load a known model; the running version serves until the new one is ready.
+
+        For a hub model, the hub's state records the outcome before this returns, so an
+        operator's next command (``rollback`` after ``pull``) sees it.
+        """
+        source = await self.source_for(name)
+        try:
+            return await self._manager.load(name, source)
+        finally:
+            if source.origin == "hub" and self._hub_loaded is not None:
+                await self._hub_loaded(name)
 
     async def unload(self, name: str) -> None:
         self.known(name)

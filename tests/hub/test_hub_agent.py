@@ -33,7 +33,7 @@ def _wait(what: str, cond: Callable[[], bool]) -> None:
         time.sleep(0.05)
 
 
-def _config(tmp_path: Path, url: str, hub: Hub) -> Path:
+def _config(tmp_path: Path, url: str, hub: Hub, poll_interval_s: float = 0.2) -> Path:
     (tmp_path / "token").write_text(TOKEN + "\n")
     path = tmp_path / "agent.toml"
     path.write_text(
@@ -41,7 +41,7 @@ def _config(tmp_path: Path, url: str, hub: Hub) -> Path:
         'shutdown_grace_s = 5.0\n'
         f'[http]\nlisten = "127.0.0.1:{free_port()}"\ntoken_file = "{tmp_path / "token"}"\n'
         f'[hub]\nurl = "{url}"\nroot = "{hub.meta_dir / "1.root.json"}"\n'
-        'poll_interval_s = 0.2\nkeep_versions = 3\n'
+        f'poll_interval_s = {poll_interval_s}\nkeep_versions = 3\n'
         '[[models]]\nname = "m"\nversion = "latest"\n')
     return path
 
@@ -132,5 +132,33 @@ def test_agent_switches_under_load_then_pull_and_rollback(
         # The load endpoint needs the token.
         r = httpx.post(f"{agent.url}/v2/repository/models/m/load", timeout=30)
         assert r.status_code in (401, 403)
+    finally:
+        agent.stop()
+
+
+def test_pull_then_rollback_without_a_poll_in_between(
+        tmp_path: Path, hub: Hub, server: HubServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # No poll pass runs between the operator's commands (an hour apart): what each load did
+    # must be in the hub's state when the command returns, or the next one acts on stale state.
+    release(hub, tmp_path, 1)
+    release(hub, tmp_path, 2)
+    config = str(_config(tmp_path, server.url, hub, poll_interval_s=3600))
+    agent = AgentThread(load_config(config, {})).start()
+    try:
+        _wait("v2 served", lambda: httpx.get(f"{agent.url}/v2/models/m/ready",
+                                             headers=agent.headers).status_code == 200)
+        assert _version(agent) == "2"
+        assert edgeagent_main(["pull", "m@1", "--config", config]) == 0
+        assert _version(agent) == "1"
+        assert edgeagent_main(["pull", "m", "--config", config]) == 0
+        assert _version(agent) == "2"
+        capsys.readouterr()
+        assert edgeagent_main(["rollback", "m", "--config", config]) == 0
+        assert "rolling back to version 1" in capsys.readouterr().out
+        assert _version(agent) == "1"
+        state = agent.agent.hub.store.model_state("m")  # type: ignore[union-attr]
+        assert (state.active, state.desired, state.requested) == (1, 1, None)
+        assert state.previous[0] == 2
     finally:
         agent.stop()

@@ -59,8 +59,9 @@ def _lines_with(messages: list[str], key: str) -> list[str]:
     return [line for m in messages for line in m.splitlines() if line.startswith(key)]
 
 
-def test_ready_watchdog_reload_and_stop(tmp_path: Path, listener: NotifyListener,
-                                        spawn: list[AgentProcess]) -> None:
+def test_ready_watchdog_reload_and_stop(  # noqa: PLR0915 - one agent, one story
+        tmp_path: Path, listener: NotifyListener,
+        spawn: list[AgentProcess]) -> None:
     port = free_port()
     m = mlp(tmp_path / "m.onnx")
     config = write_config(tmp_path / "agent.toml", tmp_path / "state", port, {"m": m})
@@ -90,6 +91,16 @@ def test_ready_watchdog_reload_and_stop(tmp_path: Path, listener: NotifyListener
     assert _lines_with(reload, "STATUS=")[-1].startswith("STATUS=serving 2/2 model(s)")
     assert _infer(port, "m2").status_code == 200
 
+    # A model file replaced in place (same path, same configuration) is loaded on SIGHUP.
+    before = _infer(port, "m2").json()["outputs"][0]["data"]
+    os.replace(mlp(tmp_path / "m2-new.onnx", seed=2), m2)
+    agent.signal(signal.SIGHUP)
+    assert _lines_with(listener.wait_for("READY=1"), "RELOADING=1")
+    out = _infer(port, "m2").json()["outputs"][0]
+    assert out["data"] != before
+    np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]),
+                               _expected(m2, 1), atol=1e-5)
+
     # A bad file is reported and the running configuration kept.
     good = config.read_text()
     config.write_text(good + "\n[agent2]\nx = 1\n")
@@ -115,6 +126,7 @@ def test_ready_watchdog_reload_and_stop(tmp_path: Path, listener: NotifyListener
     assert all(re.match(r"<[0-7]>", line) for line in log), log  # journald priorities...
     assert not any(re.match(r"<\d>\d{4}-", line) for line in log)  # ...and no timestamps
     assert "<6>edgeagent.service.lifecycle: reloading the configuration" in log
+    assert "<6>edgeagent.service.lifecycle: configuration reloaded: loaded: m2" in log
     assert any(line.startswith("<3>edgeagent.service.lifecycle: configuration not reloaded")
                for line in log)
     assert any(line.startswith("<4>") and "http.listen" in line for line in log)
