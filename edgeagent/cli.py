@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,51 @@ def _api_get(config: AgentConfig, path: str) -> Any:
     return response.json()
 
 
+def _ago(ts: float | None) -> str:
+    return "never" if not ts else f"{max(0.0, time.time() - ts):.0f} s ago"
+
+
+def _hub_lines(hub: dict[str, Any]) -> list[str]:
+    """The hub part of ``edgeagent status``, for a person."""
+    if not hub.get("configured"):
+        return ["hub       not configured"]
+    lines = [f"hub       {hub.get('state', '?')}  {hub.get('url', '')}  last sync "
+             f"{_ago(hub.get('last_sync'))}, next in {hub.get('next_sync_s') or 0:.0f} s"]
+    if hub.get("last_error"):
+        lines.append(f"          error: {hub['last_error']}")
+    for name, m in sorted((hub.get("models") or {}).items()):
+        line = f"          {name}: active {m.get('active')}"
+        if m.get("previous"):
+            line += f", previous {', '.join(str(v) for v in m['previous'])}"
+        if m.get("desired") is not None:
+            line += f", pinned to {m['desired']}"
+        for version, why in sorted((m.get("failed") or {}).items()):
+            line += f"; v{version} failed: {why}"
+        if m.get("error"):
+            line += f"; error: {m['error']}"
+        lines.append(line)
+    return lines
+
+
+def _mqtt_lines(mqtt: dict[str, Any]) -> list[str]:
+    """The broker part of ``edgeagent status``, for a person."""
+    if not mqtt.get("configured"):
+        return ["mqtt      not configured"]
+    spool = mqtt.get("spool") or {}
+    state = "connected" if mqtt.get("connected") else "not connected"
+    lines = [f"mqtt      {state} to {mqtt.get('broker')}  spool {spool.get('depth', 0)} "
+             f"message(s) waiting, {spool.get('dropped', 0)} dropped"]
+    if mqtt.get("last_error"):
+        lines.append(f"          last error: {mqtt['last_error']}")
+    desired = mqtt.get("desired") or {}
+    if desired.get("state") not in (None, "none"):
+        line = f"          desired state: {desired['state']}"
+        if desired.get("error"):
+            line += f" ({desired['error']})"
+        lines.append(line)
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _api_get(_load(args), "/v1/agent/status")
     if args.json:
@@ -104,9 +150,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"edgeagent {status['version']}  device {status['device_id']}  "
           f"up {status['uptime_s']:.0f} s")
     print(f"profile   {prof.get('name')}  ({prof.get('reason')})")
-    print(f"http      {status['http']['listen']}")
-    for key in ("hub", "mqtt"):
-        print(f"{key:<9} {json.dumps(status.get(key))}")
+    print(f"http      {status['http']['listen']}"
+          f"{'  (token required)' if status['http'].get('token') else ''}")
+    for line in _hub_lines(status.get("hub") or {}) + _mqtt_lines(status.get("mqtt") or {}):
+        print(line)
     print("models:")
     for m in status["models"]:
         line = f"  {m['name']:<20} {m['state']:<9}"

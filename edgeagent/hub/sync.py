@@ -339,6 +339,7 @@ class HubSync:
                 state.requested = None
 
         self.store.modify(name, change)
+        self._report(name)
         self._step("state-written")
         self._collect()
         self._step("collected")

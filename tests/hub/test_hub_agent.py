@@ -3,6 +3,7 @@ infers, and ``edgeagent pull``/``rollback`` against the running agent."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -160,5 +161,15 @@ def test_pull_then_rollback_without_a_poll_in_between(
         state = agent.agent.hub.store.model_state("m")  # type: ignore[union-attr]
         assert (state.active, state.desired, state.requested) == (1, 1, None)
         assert state.previous[0] == 2
+
+        # What the operator reads.
+        capsys.readouterr()
+        assert edgeagent_main(["status", "--config", config]) == 0
+        out = capsys.readouterr().out
+        assert f"hub       ok  {server.url}" in out
+        assert "          m: active 1, previous 2, pinned to 1" in out
+        assert "mqtt      not configured" in out
+        assert "(token required)" in out
+        assert re.search(r"  m +ready +v1 onnx/fp32 on CPUExecutionProvider", out), out
     finally:
         agent.stop()
