@@ -108,10 +108,13 @@ class ModelVersion:
         """Whether a run on ``arrays`` is predicted to be cheaper than a thread hand-off.
 
         Per byte of input is conservative: a run's fixed cost, spread over a bigger input,
-        predicts too long a run, never too short.
+        predicts too long a run, never too short. Only the caller's own lease may be held:
+        another request in flight on this version may be running in a worker, and a backend
+        that serialises runs (LiteRT) would make the event loop wait for it.
         """
         rate = self.ns_per_byte
-        return rate is not None and rate * sum(a.nbytes for a in arrays.values()) < INLINE_RUN_NS
+        return (rate is not None and self._leases == 1
+                and rate * sum(a.nbytes for a in arrays.values()) < INLINE_RUN_NS)
 
     def acquire(self) -> None:
         with self._lock:

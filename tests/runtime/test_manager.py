@@ -30,6 +30,7 @@ class GatedModel(LoadedModel):
 
     def __init__(self, factor: float, gate: threading.Event) -> None:
         self.factor, self.gate, self.closed = factor, gate, False
+        self.threads: list[threading.Thread] = []
         self.inputs = (TensorSpec("x", "FP32", (-1,)),)
         self.outputs = (TensorSpec("y", "FP32", (-1,)),)
         self.provider = "CPUExecutionProvider"
@@ -38,6 +39,7 @@ class GatedModel(LoadedModel):
     def run(self, inputs: Mapping[str, np.ndarray],
             output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         assert not self.closed, "ran on a closed session"
+        self.threads.append(threading.current_thread())
         self.gate.wait(10)
         return {"y": inputs["x"] * self.factor}
 
@@ -178,5 +180,34 @@ def test_first_load_failure_marks_failed(tmp_path: Path, gated_manager: ModelMan
         with pytest.raises(ModelNotReady, match=r"failed: .*negative"):
             gated_manager.get("m")
         await gated_manager.close()
+
+    asyncio.run(go())
+
+
+def test_tiny_runs_stay_on_the_loop_and_the_rest_go_to_workers(
+        tmp_path: Path, gated_manager: ModelManager) -> None:
+    async def go() -> None:
+        mgr = gated_manager
+        GatedBackend.gate.set()
+        mv = await mgr.load("m", ModelSource(gated_file(tmp_path, "v1", 2.0), precision="fp32",
+                                             version=1))
+        model = GatedBackend.made[-1]
+        loop_thread = threading.current_thread()
+        x = np.array([1.0, 2.0], np.float32)
+
+        async def ran_on() -> threading.Thread:
+            _, out = await mgr.infer("m", {"x": x})
+            np.testing.assert_array_equal(out["y"], x * 2)
+            return model.threads[-1]
+
+        assert await ran_on() is not loop_thread  # no run timed yet: to a worker
+        assert mv.ns_per_byte is not None
+        mv.ns_per_byte = 1.0  # 8 bytes of input: predicted 8 ns
+        assert await ran_on() is loop_thread
+        with mgr.lease("m"):  # another request in flight: it may be running in a worker
+            assert await ran_on() is not loop_thread
+        mv.ns_per_byte = 1e6  # predicted 8 ms
+        assert await ran_on() is not loop_thread
+        await mgr.close()
 
     asyncio.run(go())
