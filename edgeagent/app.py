@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig, ModelSection, config_dir, is_loopback_listen
+from edgeagent.config import AgentConfig, ModelSection, config_dir, read_token
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
-from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.errors import EdgeAgentError
 from edgeagent.runtime.inspect import sha256_file
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
@@ -51,26 +51,6 @@ def device_id(config: AgentConfig, root: Path) -> str:
     except OSError:
         machine_id = ""
     return machine_id or socket.gethostname()
-
-
-def read_token(config: AgentConfig) -> str | None:
-    """The API token from ``http.token_file``; refuse to serve beyond loopback without one."""
-    token = None
-    if config.http.token_file:
-        try:
-            token = Path(config.http.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the token file: {exc.strerror}",
-                              "http.token_file") from exc
-        if len(token) < 16:
-            raise ConfigError("the token must be at least 16 characters", "http.token_file")
-    if token is None and not is_loopback_listen(config.http.listen):
-        raise ConfigError(
-            f"{config.http.listen} is reachable from other hosts; set http.token_file "
-            "(a file holding a bearer token) or listen on 127.0.0.1",
-            "http.listen",
-        )
-    return token
 
 
 @dataclass

@@ -439,3 +439,23 @@ def is_loopback_listen(listen: str) -> bool:
     if host == "localhost":
         return True
     return ipaddress.ip_address(host).is_loopback
+
+
+def read_token(config: AgentConfig) -> str | None:
+    """The API token from ``http.token_file``; refuse to serve beyond loopback without one."""
+    token = None
+    if config.http.token_file:
+        try:
+            token = Path(config.http.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file: {exc.strerror}",
+                              "http.token_file") from exc
+        if len(token) < 16:
+            raise ConfigError("the token must be at least 16 characters", "http.token_file")
+    if token is None and not is_loopback_listen(config.http.listen):
+        raise ConfigError(
+            f"{config.http.listen} is reachable from other hosts; set http.token_file "
+            "(a file holding a bearer token) or listen on 127.0.0.1",
+            "http.listen",
+        )
+    return token

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 
-from edgeagent.config import AgentConfig
-from edgeagent.errors import ConfigError
+from edgeagent.config import AgentConfig, read_token
 
 
 def local_client(config: AgentConfig, timeout: float) -> httpx.Client:
@@ -18,16 +15,11 @@ def local_client(config: AgentConfig, timeout: float) -> httpx.Client:
     ``http.token_file`` set, every request carries its bearer token.
 
     Raises:
-        ConfigError: the token file cannot be read.
+        ConfigError: the token file cannot be read, or the configuration could not be served
+            as it stands (see :func:`~edgeagent.config.read_token`).
     """
-    headers = {}
-    if config.http.token_file:
-        try:
-            token = Path(config.http.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the token file: {exc.strerror}",
-                              "http.token_file") from exc
-        headers["Authorization"] = f"Bearer {token}"
+    token = read_token(config)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     listen = config.http.listen
     if listen.startswith("unix:"):
         transport, base = httpx.HTTPTransport(uds=listen[5:]), "http://edgeagent"
