@@ -50,6 +50,22 @@ def test_agent_never_imports_the_converters() -> None:
     assert offenders == []
 
 
+def test_serving_without_hub_or_broker_imports_neither() -> None:
+    # A box without [hub] or [mqtt] never loads tuf, httpx or paho: ~17 MB of RSS and a few
+    # hundred ms of start-up (docs/performance.md). Checked in a fresh interpreter.
+    code = """
+import sys
+from edgeagent.cli import build_parser
+build_parser(full=False)
+import edgeagent.app, edgeagent.api.app, edgeagent.service.lifecycle
+heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tuf', 'httpx', 'paho', 'tqdm'})
+print(','.join(heavy))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "", f"imported without a hub or broker: {out.stdout}"
+
+
 @pytest.mark.slow
 def test_wheel_carries_profiles_and_converters(tmp_path: Path) -> None:
     subprocess.run(
