@@ -85,3 +85,60 @@ def test_hub_release_deployed_by_the_fleet(tmp_path: Path, broker: Any, watch: A
         if proc is not None:
             proc.kill()
         server.close()
+
+
+def test_staged_hub_deploy_stops_at_the_first_wave(tmp_path: Path, broker: Any,
+                                                   watch: Any) -> None:
+    # Three real agents on one hub; a release that fails its checks on these boxes stops at
+    # the first wave (one agent), which is reverted; the later waves never hear of it.
+    hub = Hub(tmp_path / "hub", tmp_path / "keys")
+    hub.init()
+    server = HubServer(hub.dir)
+    ids = ["hs0", "hs1", "hs2"]
+    w = watch(broker.port, [f"{PREFIX}/{d}/reported" for d in ids]
+              + [f"{PREFIX}/{d}/desired" for d in ids])
+
+    def version(device: str) -> Any:
+        doc = w.last(f"/{device}/reported") or {}
+        return doc.get("models", {}).get("m", {}).get("version")
+
+    def asked(device: str) -> list[Any]:
+        """The versions of m the fleet set in the device's desired documents, in order."""
+        return [d.get("models", {}).get("m", {}).get("version")
+                for d in w.payloads(f"/{device}/desired")]
+
+    release(hub, tmp_path / "work", 1)
+    release(hub, tmp_path / "work", 2)
+    procs = []
+    try:
+        for device in ids:
+            proc, _port = start_agent(
+                tmp_path / device, device, broker.url, mqtt="telemetry_interval_s = 0.5",
+                hub=f'url = "{server.url}"\nroot = "{hub.meta_dir / "1.root.json"}"\n'
+                    "poll_interval_s = 3600\n",
+                models='[[models]]\nname = "m"\nversion = 2\n', tags=("lab",))
+            procs.append(proc)
+        for device in ids:
+            wait_for(lambda d=device: version(d) == 2, what=f"{device} serves version 2")
+        release(hub, tmp_path / "work", 3, wrong_checks=True)
+
+        async def go() -> None:
+            code, out = await fleet(broker, "deploy", "m@3", "--group", "lab",
+                                    "--waves", "10%,100%", "--max-failures", "0%")
+            assert code == 1, out
+            assert "wave 1/2" in out and "stopping and reverting" in out, out
+            assert "wave 2/2" not in out, out
+
+        asyncio.run(go())
+        wait_for(lambda: asked("hs0")[-2:] == [3, 2], what="hs0 told 3, then back to 2")
+        wait_for(lambda: ((w.last("/hs0/reported") or {}).get("desired", {}).get("state")
+                          == "applied"
+                          and (w.last("/hs0/reported") or {})["desired"].get("models")
+                          == {"m": 2}), what="hs0's revert applied")
+        assert [version(d) for d in ids] == [2, 2, 2]
+        for device in ("hs1", "hs2"):  # the second wave was never asked
+            assert 3 not in asked(device), asked(device)
+    finally:
+        for proc in procs:
+            proc.kill()
+        server.close()
