@@ -231,14 +231,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         again = []
         for name in self.repository.names():
-            if name in planned:
+            # Hub models are skipped unresolved: their versions never change in place.
+            if name in planned or not self.repository.known(name).section.path:
                 continue
-            try:
-                source = await self.repository.source_for(name)
-            except EdgeAgentError:
-                continue
-            if source.origin != "path":
-                continue  # hub versions never change in place
+            source = await self.repository.source_for(name)  # a path: no I/O
             if not self.manager.ready(name):
                 if self.manager.slot(name).state == "failed":
                     log.info("model %s: trying its file again", name)

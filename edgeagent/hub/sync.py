@@ -307,8 +307,7 @@ class HubSync:
                 await self._run(self._record_failed, name, version, str(exc))
                 raise
             self._step("loaded")
-            await self._run(self._record_active, name, version)
-            self._report(name)
+            await self._run(self._record_active, name, version)  # reports the new state
             return inst
 
     def _serving(self, name: str, inst: Installed) -> bool:
@@ -325,8 +324,7 @@ class HubSync:
             if state.requested == version:
                 state.requested = None
 
-        self.store.modify(name, change)
-        self._report(name)
+        self._report(name, self.store.modify(name, change))
 
     def _record_active(self, name: str, version: int) -> None:
         def change(state: ModelState) -> None:
@@ -338,8 +336,7 @@ class HubSync:
             if state.requested == version:
                 state.requested = None
 
-        self.store.modify(name, change)
-        self._report(name)
+        self._report(name, self.store.modify(name, change))
         self._step("state-written")
         self._collect()
         self._step("collected")
@@ -414,8 +411,7 @@ class HubSync:
             if version is not None:
                 state.failed.pop(version, None)
 
-        self.store.modify(name, change)
-        self._report(name)
+        self._report(name, self.store.modify(name, change))
         self.wake()
 
     def rollback_target(self, name: str) -> int:
@@ -532,8 +528,8 @@ class HubSync:
                       name, target, exc)
             self.status.models.setdefault(name, {})["error"] = str(exc)
 
-    def _report(self, name: str) -> None:
-        state = self.store.model_state(name)
+    def _report(self, name: str, state: ModelState) -> None:
+        """Show ``name``'s state, as just written to the store, in the agent's status."""
         self.status.models[name] = {"active": state.active, "previous": state.previous,
                                     "desired": state.desired,
                                     "failed": {str(k): v for k, v in state.failed.items()}}

@@ -93,19 +93,20 @@ class ModelVersion:
         self.ns_per_byte: float | None = None
         """Recent run time per byte of input (a moving average), once a run was timed."""
 
-    def timed_run(self, arrays: Mapping[str, np.ndarray],
-                  output_names: Sequence[str] | None) -> dict[str, np.ndarray]:
-        """``model.run``, timed into :attr:`ns_per_byte`."""
+    def timed_run(self, arrays: Mapping[str, np.ndarray], output_names: Sequence[str] | None,
+                  nbytes: int) -> dict[str, np.ndarray]:
+        """``model.run``, timed per byte of input (``nbytes``) into :attr:`ns_per_byte`."""
         started = time.perf_counter_ns()
         outputs = self.model.run(arrays, output_names)
-        cost = (time.perf_counter_ns() - started) / max(1, sum(a.nbytes for a in arrays.values()))
+        cost = (time.perf_counter_ns() - started) / max(1, nbytes)
         # Races between workers only blur the average, which is all it is used for.
         last = self.ns_per_byte
         self.ns_per_byte = cost if last is None else 0.8 * last + 0.2 * cost
         return outputs
 
-    def runs_inline(self, arrays: Mapping[str, np.ndarray]) -> bool:
-        """Whether a run on ``arrays`` is predicted to be cheaper than a thread hand-off.
+    def runs_inline(self, nbytes: int) -> bool:
+        """Whether a run on ``nbytes`` of input is predicted to be cheaper than a thread
+        hand-off.
 
         Per byte of input is conservative: a run's fixed cost, spread over a bigger input,
         predicts too long a run, never too short. Only the caller's own lease may be held:
@@ -113,8 +114,7 @@ class ModelVersion:
         that serialises runs (LiteRT) would make the event loop wait for it.
         """
         rate = self.ns_per_byte
-        return (rate is not None and self._leases == 1
-                and rate * sum(a.nbytes for a in arrays.values()) < INLINE_RUN_NS)
+        return rate is not None and self._leases == 1 and rate * nbytes < INLINE_RUN_NS
 
     def acquire(self) -> None:
         with self._lock:
@@ -369,9 +369,10 @@ class ModelManager:
             arrays = mv.model.validate(inputs)
             for out in output_names or ():
                 mv.model.output_spec(out)
-            if mv.runs_inline(arrays):
-                return mv, mv.timed_run(arrays, output_names)
-            outputs = await self.run_in_worker(mv.timed_run, arrays, output_names)
+            nbytes = sum(a.nbytes for a in arrays.values())
+            if mv.runs_inline(nbytes):
+                return mv, mv.timed_run(arrays, output_names, nbytes)
+            outputs = await self.run_in_worker(mv.timed_run, arrays, output_names, nbytes)
             return mv, outputs
 
     async def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
