@@ -50,10 +50,29 @@ class Topics:
     def group_desired(self, group: str) -> str:
         return group_desired(self.prefix, group)
 
+    def group_rollouts(self, group: str) -> str:
+        """The subscription filter for a group's rollouts (one per model)."""
+        return group_rollout(self.prefix, group, "+")
+
+    @property
+    def fleet_rollouts(self) -> str:
+        """The subscription filter for the fleet-wide rollouts."""
+        return fleet_rollout(self.prefix, "+")
+
 
 def group_desired(prefix: str, group: str) -> str:
     """``{prefix}/groups/{group}/desired``."""
     return f"{prefix}/groups/{group}/desired"
+
+
+def group_rollout(prefix: str, group: str, model: str) -> str:
+    """``{prefix}/groups/{group}/rollouts/{model}``: a group's rollout of one model."""
+    return f"{prefix}/groups/{group}/rollouts/{model}"
+
+
+def fleet_rollout(prefix: str, model: str) -> str:
+    """``{prefix}/fleet/rollouts/{model}``: the fleet-wide rollout of one model."""
+    return f"{prefix}/fleet/rollouts/{model}"
 
 
 def device_of(prefix: str, topic: str) -> str | None:
@@ -62,4 +81,4 @@ def device_of(prefix: str, topic: str) -> str | None:
     if head != prefix or not sep:
         return None
     device, _, _ = rest.partition("/")
-    return None if device == "groups" else device
+    return None if device in ("groups", "fleet") else device
