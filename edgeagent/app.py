@@ -1,9 +1,10 @@
 """The composition root: builds every component, owns start-up and shutdown order.
 
-Start-up: state dir -> device facts and profile -> runtimes and model manager -> configured
-models (each loaded, warmed up and checked; a failure is recorded, never fatal) -> HTTP.
-Shutdown runs the same steps in reverse: stop accepting requests, let those in flight finish
-within the grace period, unload models.
+Start-up: state dir -> device facts and profile -> runtimes and model manager -> the version
+owner (what the box has serves at once; a failure is recorded, never fatal; the hub poll brings
+the rest) -> HTTP and the local admin channel -> MQTT. Shutdown runs the same steps in reverse:
+MQTT, stop accepting requests, let those in flight finish within the grace period, the owner's
+poll, unload models.
 """
 
 from __future__ import annotations
@@ -14,30 +15,28 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from edgeagent import __version__
+from edgeagent.api.services import Services
 from edgeagent.config import AgentConfig, ModelSection, config_dir, read_token
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import EdgeAgentError
-from edgeagent.runtime.inspect import sha256_file
-from edgeagent.runtime.manager import ModelManager, ModelSource
+from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.registry import BackendRegistry
-from edgeagent.runtime.repository import ModelRepository
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 from edgeagent.service.reload import ReloadPlan, plan_reload
+from edgeagent.versions.owner import VersionOwner, summary
 
 if TYPE_CHECKING:
     from edgeagent.control.link import FleetLink
-    from edgeagent.hub.sync import HubSync
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,6 @@ def device_id(config: AgentConfig, root: Path) -> str:
     except OSError:
         machine_id = ""
     return machine_id or socket.gethostname()
-
-
-@dataclass
-class Services:
-    """What the HTTP API (and later the MQTT side) is given: no component builds its siblings."""
-
-    config: AgentConfig
-    manager: ModelManager
-    scheduler: InferenceScheduler
-    repository: ModelRepository
-    token: str | None
-    status: Callable[[], dict[str, Any]]
-    draining: Callable[[], bool] = field(default=lambda: False)
 
 
 class Agent:
@@ -84,15 +70,17 @@ class Agent:
             infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
         base = self.base_dir = config_dir(config)
         self.scheduler = InferenceScheduler(self.manager)
-        self.repository = ModelRepository(self.manager, base)
         self.token = read_token(config)
-        self._server: uvicorn.Server | None = None
-        self._server_task: asyncio.Task[None] | None = None
+        self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
         self._draining = False
-        self.hub: HubSync | None = None
         self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
-        self.services = Services(config, self.manager, self.scheduler, self.repository, self.token,
+        self._served_before: dict[str, int | None] = {}
+        # Built in start(), once the device profile (the hub's variant choice) is known.
+        self.owner = VersionOwner(self.manager, self.state_dir, base, device_id=self.device_id,
+                                  groups=config.agent.tags, keep_versions=config.hub.keep_versions,
+                                  poll_interval_s=config.hub.poll_interval_s)
+        self.services = Services(config, self.manager, self.scheduler, self.owner, self.token,
                                  self.status, lambda: self._draining)
 
     # ---- wiring -------------------------------------------------------------------------
@@ -105,6 +93,13 @@ class Agent:
 
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models
+
+    @property
+    def admin_socket(self) -> Path:
+        """The local admin channel (see :func:`edgeagent.localapi.admin_socket_path`)."""
+        from edgeagent.localapi import admin_socket_path
+
+        return admin_socket_path(self.config, self.env)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -126,46 +121,54 @@ class Agent:
             log.info("embedded defaults: made the demo hub in %s", self.config.hub.url)
         if self.config.hub.url:
             # Imported here: a box without a hub never loads tuf and httpx (~17 MB, ~0.3 s).
-            from edgeagent.hub.sync import HubSync, profile_chooser
+            from edgeagent.hub.source import HubSource, profile_chooser
 
-            # Hub models are served from the store at once; the sync pulls what is missing.
-            self.hub = HubSync(self.config.hub, models, self.state_dir, self.manager,
-                               profile_chooser(self.profile.profile, self.facts),
-                               base_dir=self.base_dir)
-            self.repository.set_hub_resolver(self.hub.resolve, self.hub.loaded)
-        self.repository.configure(models)
+            self.owner.hub = HubSource(self.config.hub, self.state_dir,
+                                       profile_chooser(self.profile.profile, self.facts),
+                                       base_dir=self.base_dir)
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
-        await self.load_models()
-        if self.hub is not None:
-            await self.hub.start()
-            if demo and not all(self.manager.ready(m.name) for m in models):
-                # First run: the demo hub is a local folder, so pull before serving and the
-                # first curl gets an answer.
-                await self.hub.sync_once()
+        # What the box has serves at once; the hub poll brings the rest.
+        await self.owner.start(models)
+        if demo and not all(self.manager.ready(m.name) for m in models):
+            # First run: the demo hub is a local folder, so pull before serving and the
+            # first curl gets an answer.
+            await self.owner.sync_once()
         await self._start_http()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
-        log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
-                 self.config.http.listen)
-
-    async def load_models(self, names: Iterable[str] | None = None) -> None:
-        """Load the named known models (default all); a failure is logged, never raised."""
-        for name in self.repository.names() if names is None else names:
-            try:
-                await self.repository.load(name)
-            except EdgeAgentError as exc:
-                log.error("model %s is not serving: %s", name, exc)
+        self._served_before = {m.name: self._version_of(m.name) for m in models}
+        ready = [m.name for m in models if self.manager.ready(m.name)]
+        waiting = [m.name for m in models if m.name not in ready]
+        log.info("ready: serving %d of %d model(s)%s, HTTP on %s, admin channel %s",
+                 len(ready), len(models),
+                 f" (not serving yet: {', '.join(waiting)})" if waiting else "",
+                 self.config.http.listen, self.admin_socket)
 
     async def _start_http(self) -> None:
+        """The local API on ``http.listen``, and the admin channel on its Unix socket (whose
+        file permissions authorise: no token there)."""
         from edgeagent.api.app import build_app
-        from edgeagent.api.protocol import bounded_protocol
 
         listen = self.config.http.listen
+        await self._serve(build_app(self.services), listen)
+        admin = self.admin_socket
+        try:
+            await self._serve(build_app(self.services, trusted=True), f"unix:{admin}")
+        except EdgeAgentError as exc:
+            log.warning("no local admin channel (%s): operator commands need http.token_file",
+                        exc)
+
+    async def _serve(self, app: Any, listen: str) -> None:
+        from edgeagent.api.protocol import bounded_protocol
+
         kwargs: dict[str, Any] = {}
         if listen.startswith("unix:"):
             path = Path(listen[5:])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                path.unlink()  # a socket left by a previous run that was killed
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.exists() or path.is_symlink():
+                    path.unlink()  # a socket left by a previous run that was killed
+            except OSError as exc:
+                raise EdgeAgentError(f"cannot listen on {listen}: {exc.strerror}") from exc
             kwargs["uds"] = str(path)
         else:
             host, _, port = listen.rpartition(":")
@@ -173,7 +176,7 @@ class Agent:
         # uvicorn annotates int, but hands the value to asyncio.wait_for (a float is fine).
         grace: Any = self.config.agent.shutdown_grace_s
         config = uvicorn.Config(
-            build_app(self.services),
+            app,
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -188,86 +191,66 @@ class Agent:
         # What Server.serve() does before startup(), without taking over the signal handlers.
         config.load()
         server.lifespan = config.lifespan_class(config)
+        # The socket is made group-accessible only: owner and the agent's group (umask while
+        # it is created, so there is no moment with wider permissions).
+        old_umask = os.umask(0o117) if "uds" in kwargs else None
         try:
             await server.startup()
         except SystemExit as exc:  # uvicorn exits when it cannot bind (port in use)
             raise EdgeAgentError(f"cannot listen on {listen} (in use, or not permitted)") from exc
-        self._server = server
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
         if "uds" in kwargs:
             os.chmod(kwargs["uds"], 0o660)
-        self._server_task = asyncio.create_task(self._server.main_loop(), name="http-main-loop")
+        task = asyncio.create_task(server.main_loop(), name=f"http-main-loop {listen}")
+        self._servers.append((server, task))
 
     async def reload(self, config: AgentConfig) -> ReloadPlan:
         """Apply what can change live from a newly read configuration (SIGHUP).
 
-        Models added are loaded, removed ones unloaded, changed ones reloaded (the old version
-        serves until the new one is ready), limits applied; the rest waits for a restart and is
-        listed in the returned plan (see :mod:`edgeagent.service.reload`). A model configured
-        by ``path`` whose file was replaced since it was loaded, or that failed to load, is
-        loaded again too.
+        Models added are loaded, removed ones unloaded, changed ones brought to their new
+        target (the old version serves until the new one is ready), limits applied; the rest
+        waits for a restart and is listed in the returned plan (see
+        :mod:`edgeagent.service.reload`). Every model goes through the version owner, so a
+        ``path`` model whose file was replaced in place becomes a new local version, and a hub
+        model whose ``version`` changed is pulled.
         """
         plan = plan_reload(self.config, demo_config(config, self.state_dir))
         self.config = self.services.config = plan.config
-        if self._server is not None:
+        for server, _task in self._servers:
             # uvicorn annotates int, but hands the value to asyncio.wait_for (a float is fine).
             grace: Any = config.agent.shutdown_grace_s
-            self._server.config.timeout_graceful_shutdown = grace
+            server.config.timeout_graceful_shutdown = grace
         models = self._models()
-        self.repository.configure(models)
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
-        for name in plan.unload:
-            await self.manager.unload(name)
-            self.manager.forget(name)
-        again = await self._model_files_to_reload(plan.load)
-        if again:
-            plan = dataclasses.replace(plan, load=plan.load + again)
-        await self.load_models(plan.load)
+        await self.owner.configure(models)
+        outcomes = [(m.name, await self.owner.converge(m.name)) for m in models]
+        changed = tuple(n for n, o in outcomes
+                        if n not in plan.load and o.decision.target is not None
+                        and o.serving == o.decision.target and o.error == ""
+                        and o.serving != self._served_before.get(n))
+        _ok, failed = summary((n, o) for n, o in outcomes if n in plan.load or o.error)
+        plan = dataclasses.replace(plan, load=plan.load + changed, failed=tuple(failed))
+        self._served_before = {m.name: self._version_of(m.name) for m in models}
         return plan
 
-    async def _model_files_to_reload(self, planned: tuple[str, ...]) -> tuple[str, ...]:
-        """Models configured by ``path`` whose file no longer holds what is served (replaced
-        in place: the usual way to update a local model), or that are not serving because
-        their last load failed."""
-        loop = asyncio.get_running_loop()
-        again = []
-        for name in self.repository.names():
-            # Hub models are skipped unresolved: their versions never change in place.
-            if name in planned or not self.repository.known(name).section.path:
-                continue
-            source = await self.repository.source_for(name)  # a path: no I/O
-            if not self.manager.ready(name):
-                if self.manager.slot(name).state == "failed":
-                    log.info("model %s: trying its file again", name)
-                    again.append(name)
-                continue
-            try:
-                sha = await loop.run_in_executor(None, sha256_file, source.path)
-            except OSError as exc:
-                log.warning("model %s: cannot read %s (%s); it keeps serving what it loaded",
-                            name, source.path, exc.strerror)
-                continue
-            if sha != self.manager.get(name).sha256:
-                log.info("model %s: %s was replaced; loading it", name, source.path)
-                again.append(name)
-        return tuple(again)
+    def _version_of(self, name: str) -> int | None:
+        try:
+            return self.manager.get(name).version
+        except EdgeAgentError:
+            return None
 
     async def _start_mqtt(self) -> None:
-        from edgeagent.control.deploy import CatalogDeployer, HubDeployer
         from edgeagent.control.link import FleetLink
         from edgeagent.telemetry.reporter import ModelFigures
         from edgeagent.telemetry.system import SystemSampler
 
-        async def catalog(name: str) -> dict[int, ModelSource]:
-            source = await self.repository.source_for(name)
-            return {source.version: source}
-
-        deployer = (CatalogDeployer(self.manager, catalog) if self.hub is None
-                    else HubDeployer(self.manager, catalog, self.hub))
         self.fleet = FleetLink(
             self.config, self.device_id, self.state_dir, version=__version__,
             system=SystemSampler(self.root, disk_path=self.state_dir),
             models=ModelFigures(self.scheduler.all_stats, self.manager.status),
-            reported=self._reported, deployer=deployer, reload_config=self._reload_command)
+            reported=self._reported, owner=self.owner, reload_config=self._reload_command)
         await self.fleet.start()
 
     def _reported(self) -> dict[str, Any]:
@@ -276,7 +259,10 @@ class Agent:
                 "profile": status["profile"], "hub": status["hub"],
                 "models": {m["name"]: {k: m.get(k) for k in (
                     "state", "version", "variant", "format", "precision", "provider",
-                    "fallback", "last_error")} for m in status["models"]}}
+                    "fallback", "last_error", "source", "source_kind", "target",
+                    "operator_pin", "blocked")} for m in status["models"]},
+                "rollouts": self.owner.rollouts(), "desired": self.owner.desired(),
+                "refused": self.owner.refusals()}
 
     async def _reload_command(self) -> dict[str, Any]:
         """The MQTT ``reload-config`` command: re-read the file, apply what can change live."""
@@ -286,7 +272,8 @@ class Agent:
         config = load_config(source if source != "embedded defaults" else None, self.env)
         plan = await self.reload(config)
         return {"summary": plan.summary(), "loaded": list(plan.load),
-                "unloaded": list(plan.unload), "restart_keys": list(plan.restart_keys)}
+                "unloaded": list(plan.unload), "failed": list(plan.failed),
+                "restart_keys": list(plan.restart_keys)}
 
     async def stop(self) -> None:
         """Stop in reverse order: MQTT (telemetry flushed to the spool, ``stopped`` published),
@@ -296,14 +283,13 @@ class Agent:
             self.fleet = None
         self._draining = True
         grace = self.config.agent.shutdown_grace_s
-        if self._server is not None:
-            self._server.should_exit = True
-            if self._server_task is not None:
-                await self._server_task
-            await self._server.shutdown()
-            self._server = None
-        if self.hub is not None:
-            await self.hub.stop()
+        for server, _task in self._servers:
+            server.should_exit = True
+        for server, task in self._servers:
+            await task
+            await server.shutdown()
+        self._servers = []
+        await self.owner.stop()
         await self.manager.close(grace)
         log.info("stopped")
 
@@ -323,9 +309,13 @@ class Agent:
             "profile": profile,
             "http": {"listen": self.config.http.listen, "token": self.token is not None},
             "backends": self.registry.status(),
-            "models": [{**m, "scheduling": self.scheduler.describe(m["name"])}
-                       for m in self.manager.status()],
-            "hub": self.hub.describe() if self.hub else {"configured": bool(self.config.hub.url)},
+            "admin_socket": str(self.admin_socket),
+            "models": [{**m, **self.owner.describe(m["name"]),
+                        "scheduling": self.scheduler.describe(m["name"])}
+                       for m in self.manager.status() if m["name"] in self.owner.names()],
+            "hub": (self.owner.hub.describe() if self.owner.hub
+                    else {"configured": bool(self.config.hub.url)}),
+            "desired": self.owner.desired(),
             "mqtt": (self.fleet.status() if self.fleet
                      else {"configured": bool(self.config.mqtt.url)}),
         }

@@ -70,8 +70,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
     state_dir = config.state_path(os.environ)
     config = demo_config(config, state_dir.resolve())
     hub_models = [m.name for m in config.models if m.version is not None] if config.hub.url else []
+    hub_variants = None
+    if hub_models:
+        def hub_variants(profile: Any, facts: Any) -> list[dict[str, Any]]:
+            # Only with hub models configured: the hub side stays unloaded otherwise.
+            from edgeagent.hub.source import profile_chooser, stored_variant_choices
+            from edgeagent.versions.history import History, StateError
+
+            try:
+                state = History(state_dir).read()
+                active = {n: state.models[n].active for n in hub_models if n in state.models}
+            except StateError:
+                active = {}
+            return stored_variant_choices(state_dir, hub_models,
+                                          profile_chooser(profile, facts), active)
+
     report = probe_report(Path(args.root), forced, state_dir, profiles_dir=profiles_dir,
-                          hub_models=hub_models)
+                          hub_variants=hub_variants)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -108,17 +123,10 @@ def _hub_lines(hub: dict[str, Any]) -> list[str]:
              f"{_ago(hub.get('last_sync'))}, next in {hub.get('next_sync_s') or 0:.0f} s"]
     if hub.get("last_error"):
         lines.append(f"          error: {hub['last_error']}")
-    for name, m in sorted((hub.get("models") or {}).items()):
-        line = f"          {name}: active {m.get('active')}"
-        if m.get("previous"):
-            line += f", previous {', '.join(str(v) for v in m['previous'])}"
-        if m.get("desired") is not None:
-            line += f", pinned to {m['desired']}"
-        for version, why in sorted((m.get("failed") or {}).items()):
-            line += f"; v{version} failed: {why}"
-        if m.get("error"):
-            line += f"; error: {m['error']}"
-        lines.append(line)
+    releases = hub.get("releases") or {}
+    if releases:
+        lines.append("          releases: " + "; ".join(
+            f"{n} {', '.join(map(str, v))}" for n, v in sorted(releases.items())))
     return lines
 
 
@@ -161,6 +169,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f" v{m['version']} {m['format']}/{m['precision']} on {m['provider']}"
         if m.get("fallback"):
             line += f" (fell back: {m['fallback']})"
+        if m.get("source"):
+            line += f"  [{m['source']}]"
+        if m.get("target") is not None and m.get("target") != m.get("version"):
+            line += f"; target v{m['target']}"
+        if m.get("blocked"):
+            line += f"; {m['blocked']}"
         sched = m.get("scheduling") or {}
         if sched.get("batching", "off") != "off":
             line += f"; batching {sched['batching']} (max {sched['max_batch_size']})"
@@ -210,9 +224,9 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     if not full:
         return parser
-    from edgeagent.hub.commands import add_hub_commands
+    from edgeagent.admin import add_admin_commands
 
-    add_hub_commands(add)
+    add_admin_commands(add)
     from edgeagent.control.fleet import add_fleet_parser
 
     add_fleet_parser(sub, "configuration file for [mqtt] credentials (default "

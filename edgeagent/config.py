@@ -90,6 +90,8 @@ class MqttSection:
     topic_prefix: str = "edgeagent"
     keepalive_s: int = 60
     telemetry_interval_s: float = 30.0
+    reported_interval_s: float = 300.0
+    """The reported state is re-published at least this often (fleet controllers catch up)."""
     spool_max_messages: int = 100_000
     spool_max_bytes: int = 64 * 1024 * 1024
 
@@ -291,7 +293,8 @@ def _validate_mqtt(m: MqttSection) -> None:
     if bool(m.cert_file) != bool(m.key_file):
         raise ConfigError("a client certificate needs both cert_file and key_file",
                           "mqtt.cert_file")
-    for key in ("keepalive_s", "telemetry_interval_s", "spool_max_messages", "spool_max_bytes"):
+    for key in ("keepalive_s", "telemetry_interval_s", "reported_interval_s", "spool_max_messages",
+                "spool_max_bytes"):
         _positive(getattr(m, key), f"mqtt.{key}")
     if not m.topic_prefix or any(c in m.topic_prefix for c in "#+"):
         raise ConfigError("must be non-empty and free of MQTT wildcards", "mqtt.topic_prefix")

@@ -71,6 +71,11 @@ class BackendUnavailable(EdgeAgentError):
         super().__init__(text)
 
 
+class TransientError(EdgeAgentError):
+    """A failure that says nothing about the thing tried (a hub out of reach, metadata that
+    expired): the version owner tries again later and does not mark a release failed."""
+
+
 class ModelError(EdgeAgentError):
     """A model file could not be loaded, warmed up or checked."""
 

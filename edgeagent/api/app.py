@@ -35,7 +35,7 @@ from edgeagent.errors import EdgeAgentError, ModelNotFound
 from edgeagent.runtime.scheduler import ModelLimits
 
 if TYPE_CHECKING:
-    from edgeagent.app import Services
+    from edgeagent.api.services import Services
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -68,7 +68,7 @@ class Api:
     async def ready(self, request: Request) -> Response:
         if self.s.draining():
             raise NotReady("the agent is shutting down")
-        waiting = [n for n in self.s.repository.names() if not self.s.manager.ready(n)]
+        waiting = [n for n in self.s.owner.names() if not self.s.manager.ready(n)]
         if waiting:
             raise NotReady(f"not ready: model(s) {', '.join(waiting)} not loaded "
                            "(see GET /v2/repository/index)")
@@ -130,7 +130,7 @@ class Api:
         ready_only = payload.get("ready", False)
         if not isinstance(ready_only, bool):
             raise BadRequest("'ready' must be true or false")
-        entries = self.s.repository.index()
+        entries = self._index()
         if ready_only:
             entries = [e for e in entries if e["state"] == "READY"]
         return JSONResponse(entries)
@@ -143,14 +143,57 @@ class Api:
         if "config" in params or any(k.startswith("file:") for k in params):
             raise BadRequest("edgeagent never loads a model from a request: it loads only the "
                              "models in its configuration, from their file or the hub")
-        mv = await self.s.repository.load(name)
-        return JSONResponse({"name": name, "version": str(mv.version), "state": "READY"})
+        version = await self.s.owner.load(name)
+        return JSONResponse({"name": name, "version": str(version), "state": "READY"})
 
     async def repository_unload(self, request: Request) -> Response:
         name = request.path_params["name"]
         await self._json_object(request)  # read and check the body even if nothing in it is used
-        await self.s.repository.unload(name)
+        await self.s.owner.unload(name)
         return JSONResponse({"name": name, "state": "UNLOADED"})
+
+    def _index(self) -> list[dict[str, Any]]:
+        """Triton's repository index entries: name, version, state, reason."""
+        out = []
+        for name in self.s.owner.names():
+            slot = self.s.manager.slot(name)
+            entry: dict[str, Any] = {"name": name, "state": slot.state.upper()}
+            if slot.active is not None:
+                entry["version"] = str(slot.active.version)
+            if slot.last_error:
+                entry["reason"] = slot.last_error
+            out.append(entry)
+        return out
+
+    # ---- the operator's commands (admin channel, or the token) ----------------------------
+
+    def _model_report(self, name: str) -> dict[str, Any]:
+        serving = self.s.manager.ready(name)
+        return {"name": name, "serving": self.s.manager.get(name).version if serving else None,
+                **self.s.owner.describe(name)}
+
+    async def agent_models(self, request: Request) -> Response:
+        return JSONResponse({"models": [self._model_report(n) for n in self.s.owner.names()]})
+
+    async def agent_pull(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        payload = await self._json_object(request)
+        version = payload.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or not 1 <= version < 2**63):
+            raise BadRequest("'version' must be an integer >= 1, or null to follow the fleet "
+                             "or the configuration again")
+        if version is None:
+            await self.s.owner.unpin(name)
+        else:
+            await self.s.owner.pin(name, version)
+        return JSONResponse(self._model_report(name))
+
+    async def agent_rollback(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        await self._json_object(request)
+        await self.s.owner.rollback(name)
+        return JSONResponse(self._model_report(name))
 
 
 def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[Route]:
@@ -159,11 +202,15 @@ def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[
             Route(f"/v2/models/{{name}}/versions/{{version}}{suffix}", handler, methods=[method])]
 
 
-def build_app(services: Services) -> ASGIApp:
+def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
     """The ASGI application serving the local API on ``services``.
 
     Every request passes the :class:`RequestGuard` (header size, token); inference requests
     then take the fast path to :class:`InferEndpoint`, the rest go through Starlette.
+
+    Args:
+        services: What the handlers call.
+        trusted: The local admin channel: its socket's permissions authorise, so no token.
     """
     api = Api(services)
     infer = InferEndpoint(services)
@@ -184,6 +231,9 @@ def build_app(services: Services) -> ASGIApp:
         Route("/v2/repository/models/{name}/unload", api.repository_unload, methods=["POST"]),
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/agent/status", api.agent_status, methods=["GET"]),
+        Route("/v1/agent/models", api.agent_models, methods=["GET"]),
+        Route("/v1/agent/models/{name}/pull", api.agent_pull, methods=["POST"]),
+        Route("/v1/agent/models/{name}/rollback", api.agent_rollback, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -192,4 +242,5 @@ def build_app(services: Services) -> ASGIApp:
                             Exception: handle_unexpected},
     )
     return RequestGuard(infer_fast_path(app, infer), token=services.token,
-                        max_header_bytes=services.config.http.max_header_bytes)
+                        max_header_bytes=services.config.http.max_header_bytes,
+                        trusted=trusted)

@@ -16,18 +16,25 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeagent.api.errors import Forbidden, HeadersTooLarge, Unauthorized, error_response
 
-#: Endpoints that change what the agent serves: always behind the token.
-_REPOSITORY_CHANGE = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
+#: Endpoints that change what the agent serves: always behind the token (or the admin channel).
+_REPOSITORY_CHANGE = re.compile(
+    r"^(/v2/repository/models/[^/]+/(load|unload)|/v1/agent/models/[^/]+/(pull|rollback))$")
 
 
 class RequestGuard:
     """Refuse oversized headers (431), requests without the right bearer token (401), and
-    repository changes when no token is configured at all (403)."""
+    repository changes when no token is configured at all (403).
 
-    def __init__(self, app: ASGIApp, token: str | None, max_header_bytes: int) -> None:
+    On the local admin channel (``trusted``), the socket's file permissions are the
+    authorisation: no token is asked for, the header size is still bounded.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, max_header_bytes: int, *,
+                 trusted: bool = False) -> None:
         self.app = app
         self._token = token.encode() if token else None
         self._max_header_bytes = max_header_bytes
+        self._trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -48,9 +55,11 @@ class RequestGuard:
         if size > self._max_header_bytes:
             return HeadersTooLarge(f"the request headers take {size} bytes, more than "
                                    f"http.max_header_bytes ({self._max_header_bytes})")
-        if self._token is None:
-            if _REPOSITORY_CHANGE.match(scope["path"]):
-                return Forbidden("configure http.token_file to use the model repository API")
+        if self._token is None or self._trusted:
+            if not self._trusted and _REPOSITORY_CHANGE.match(scope["path"]):
+                return Forbidden("this changes what the agent serves: use the local admin "
+                                 "channel (the edgeagent commands on the box), or configure "
+                                 "http.token_file")
             return None
         scheme, _, given = (authorization or b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not given:

@@ -32,7 +32,7 @@ from edgeagent.api.errors import (
 from edgeagent.errors import EdgeAgentError, ModelNotFound
 
 if TYPE_CHECKING:
-    from edgeagent.app import Services
+    from edgeagent.api.services import Services
 
 log = logging.getLogger(__name__)
 

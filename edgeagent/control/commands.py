@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from edgeagent.control.desired import atomic_write_json
 from edgeagent.errors import EdgeAgentError
+from edgeagent.fsutil import write_json_atomic
 from edgeagent.telemetry.topics import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class CommandHandler:
 
     def _remember(self, request_id: str) -> None:
         self._seen = [*self._seen, request_id][-REMEMBERED_IDS:]
-        atomic_write_json(self.state_file, self._seen)
+        write_json_atomic(self.state_file, self._seen)
 
     async def handle(self, request_id: str, payload: bytes) -> dict[str, Any] | None:
         """Run one command; the result document, or None for a repeated request id."""

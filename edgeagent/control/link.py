@@ -8,11 +8,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgeagent.config import AgentConfig
-from edgeagent.control.commands import Action, CommandHandler, model_argument
-from edgeagent.control.desired import Deployer, Reconciler
+from edgeagent.control.commands import Action, CommandError, CommandHandler
 from edgeagent.errors import BrokerError
 from edgeagent.telemetry.mqtt import BrokerSettings, Message, MqttClient
 from edgeagent.telemetry.reporter import ModelFigures, Reporter, dumps, presence_will
@@ -21,6 +20,21 @@ from edgeagent.telemetry.system import SystemSampler
 from edgeagent.telemetry.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+class VersionAuthority(Protocol):
+    """What the MQTT side hands fleet documents to: the version owner
+    (:class:`edgeagent.versions.owner.VersionOwner`); it decides, this module only carries."""
+
+    async def receive_desired(self, source: str, payload: bytes) -> Any: ...
+
+    async def receive_rollout(self, target: str, model: str, payload: bytes) -> None: ...
+
+    async def sync_once(self) -> float: ...
+
+    def desired(self) -> dict[str, Any]: ...
+
+    def subscribe(self, listener: Callable[[], None]) -> None: ...
 
 
 class FleetLink:
@@ -33,15 +47,16 @@ class FleetLink:
         version: The agent's version.
         system: System figures sampler.
         models: Per-model figures.
-        reported: The agent's part of the reported state (facts, profile, models, hub).
-        deployer: Activates model versions for desired state and rollbacks.
+        reported: The agent's part of the reported state (facts, profile, models, hub,
+            rollouts, desired outcome).
+        owner: Decides model versions from the fleet's documents (with the other sources).
         reload_config: Re-reads the configuration (the ``reload-config`` command).
         backoff: Reconnection delays (smallest, largest) in seconds.
     """
 
     def __init__(self, config: AgentConfig, device_id: str, state_dir: Path, *, version: str,
                  system: SystemSampler, models: ModelFigures,
-                 reported: Callable[[], dict[str, Any]], deployer: Deployer,
+                 reported: Callable[[], dict[str, Any]], owner: VersionAuthority,
                  reload_config: Callable[[], Awaitable[dict[str, Any]]],
                  backoff: tuple[float, float] = (0.5, 30.0)) -> None:
         m = config.mqtt
@@ -51,7 +66,7 @@ class FleetLink:
         self._reported = reported
         self._system = system
         self._models = models
-        self.deployer = deployer
+        self.owner = owner
         self.spool = Spool(state_dir / "telemetry" / "spool.sqlite3", m.spool_max_messages,
                            m.spool_max_bytes)
         self.client: MqttClient | None = None
@@ -61,14 +76,16 @@ class FleetLink:
                                      on_connect=self._on_connect, backoff=backoff)
         self.reporter = Reporter(self.client, self.spool, self.topics,
                                  interval_s=m.telemetry_interval_s, telemetry=self._telemetry,
-                                 reported=self._reported_state, version=version)
-        self.reconciler = Reconciler(deployer, self.groups, state_dir / "control" / "desired.json")
+                                 reported=self._reported_state, version=version,
+                                 reannounce_s=m.reported_interval_s)
+        owner.subscribe(self._changed)
         actions: dict[str, Action] = {
             "ping": self._ping, "sync": self._sync, "rollback": self._rollback,
             "reload-config": lambda _doc: reload_config(),
         }
         self.commands = CommandHandler(actions, state_dir / "control" / "commands.json")
         self._work: set[asyncio.Task[None]] = set()
+        self._report_pending = False
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -79,6 +96,8 @@ class FleetLink:
             self.client.subscribe(self.topics.desired, self._on_desired)
             for group in self.groups:
                 self.client.subscribe(self.topics.group_desired(group), self._on_desired)
+                self.client.subscribe(self.topics.group_rollouts(group), self._on_rollout)
+            self.client.subscribe(self.topics.fleet_rollouts, self._on_rollout)
             self.client.subscribe(self.topics.commands, self._on_command)
             await self.client.start()
 
@@ -96,7 +115,7 @@ class FleetLink:
         """The MQTT part of ``edgeagent status``."""
         out: dict[str, Any] = {"configured": self.client is not None,
                                "spool": self.spool.stats().to_dict(),
-                               "desired": self.reconciler.report()}
+                               "desired": self.owner.desired()}
         if self.client is not None:
             out.update(self.client.status())
         return out
@@ -108,10 +127,23 @@ class FleetLink:
 
     def _reported_state(self) -> dict[str, Any]:
         return {**self._reported(), "device_id": self.topics.device_id, "version": self.version,
-                "tags": list(self.groups), "desired": self.reconciler.report()}
+                "tags": list(self.groups)}
 
     async def _on_connect(self) -> None:
         await self.reporter.on_connect()
+
+    def _changed(self) -> None:
+        """A model's version or reason changed: publish the reported state (once per burst)."""
+        if self.client is None or self._report_pending:
+            return
+        self._report_pending = True
+
+        async def report() -> None:
+            await asyncio.sleep(0)  # let a burst of changes settle into one message
+            self._report_pending = False
+            await self._report()
+
+        self._spawn(report())
 
     async def _report(self) -> None:
         try:
@@ -135,7 +167,19 @@ class FleetLink:
             source = f"group:{group}"
 
         async def run() -> None:
-            await self.reconciler.receive(source, msg.payload)
+            await self.owner.receive_desired(source, msg.payload)
+            await self._report()
+
+        self._spawn(run())
+
+    async def _on_rollout(self, msg: Message) -> None:
+        """``{prefix}/groups/{g}/rollouts/{model}`` or ``{prefix}/fleet/rollouts/{model}``."""
+        rest = msg.topic[len(self.topics.prefix) + 1:]
+        head, _, model = rest.rpartition("/rollouts/")
+        target = "fleet" if head == "fleet" else f"group:{head[len('groups/'):]}"
+
+        async def run() -> None:
+            await self.owner.receive_rollout(target, model, msg.payload)
             await self._report()
 
         self._spawn(run())
@@ -159,11 +203,13 @@ class FleetLink:
         return {"pong": True, "version": self.version}
 
     async def _sync(self, _doc: Any) -> dict[str, Any]:
-        await self.deployer.sync()
-        outcome = await self.reconciler.reconcile(force=True)
-        return {"desired": (outcome or self.reconciler.outcome).to_dict()}
+        await self.owner.sync_once()
+        return {"desired": self.owner.desired()}
 
-    async def _rollback(self, doc: Any) -> dict[str, Any]:
-        name = model_argument(doc)
-        version = await self.deployer.rollback(name)
-        return {"model": name, "version": version}
+    async def _rollback(self, _doc: Any) -> dict[str, Any]:
+        # A fleet-issued rollback would be a fourth source of versions that nothing clears:
+        # the fleet rolls back with a rollout (or pins with the device document).
+        raise CommandError("rollback is done by the fleet controller as a rollout back to the "
+                           "previous version ('edgeagent fleet rollback'), or by a device pin "
+                           "in the device's desired document; the operator rolls back on the "
+                           "box with 'edgeagent rollback NAME'")

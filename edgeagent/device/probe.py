@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,14 @@ from edgeagent.device.profiles import (
 #: Stands for the model's content hash in the cache paths probe shows.
 MODEL_HASH_PLACEHOLDER = "{model_hash}"
 
+#: (profile, facts) -> per configured hub model, the variant it would run on this box.
+HubVariants = Callable[[DeviceProfile, DeviceFacts], list[dict[str, Any]]]
+
 
 def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
                  profiles_dir: Path | None = None,
                  runtimes: RuntimeFacts | None = None,
-                 hub_models: Sequence[str] = ()) -> dict[str, Any]:
+                 hub_variants: HubVariants | None = None) -> dict[str, Any]:
     """Everything ``edgeagent probe`` shows, as a JSON-able dict.
 
     Args:
@@ -33,8 +36,8 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         state_dir: The agent's state directory (TensorRT caches go under it).
         profiles_dir: The operator's extra profile directory, if any.
         runtimes: Python-environment facts; detected live when omitted.
-        hub_models: The configured hub models: their variant choice is shown when the store
-            holds their bundles.
+        hub_variants: Gives, for the chosen profile and the facts, the variant each configured
+            hub model would run here (the caller knows the hub; the device side does not).
 
     Returns:
         ``facts``, ``profile`` (name, reason, candidates, the profile itself), ``plans`` (one per
@@ -65,18 +68,8 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         "plans": plans,
         "installed": dict(facts.runtimes.packages),
         "missing": _missing(profile, facts),
-        "hub_models": _hub_choices(state_dir, hub_models, profile, facts),
+        "hub_models": hub_variants(profile, facts) if hub_variants is not None else [],
     }
-
-
-def _hub_choices(state_dir: Path, names: Sequence[str], profile: DeviceProfile,
-                 facts: DeviceFacts) -> list[dict[str, Any]]:
-    if not names:
-        return []
-    # Only with hub models configured: the hub side (and the runtime it imports) stays unloaded.
-    from edgeagent.hub.sync import profile_chooser, stored_variant_choices
-
-    return stored_variant_choices(Path(state_dir), names, profile_chooser(profile, facts))
 
 
 def _missing(profile: DeviceProfile, facts: DeviceFacts) -> list[dict[str, str]]:

@@ -21,7 +21,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient.updater import Updater
 
-from edgeagent.errors import HubError, VerificationError
+from edgeagent.errors import HubError, TransientError, VerificationError
 from edgeagent.hub.bundle import Bundle, bundle_path, file_path, parse_bundle
 from edgeagent.hub.fetcher import HubFetcher, Progress
 
@@ -31,11 +31,11 @@ _BUNDLE = re.compile(r"^models/([A-Za-z0-9][A-Za-z0-9._-]*)/([1-9][0-9]*)/bundle
 _MAX_BUNDLE = 4 * 1024 * 1024
 
 
-class HubUnreachable(HubError):
+class HubUnreachable(HubError, TransientError):
     """The hub could not be reached (network, server error): retry later."""
 
 
-class MetadataExpired(VerificationError):
+class MetadataExpired(VerificationError, TransientError):
     """The hub's metadata has expired (a frozen hub): keep serving, install nothing new."""
 
 

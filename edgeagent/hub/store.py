@@ -1,5 +1,6 @@
 """The model store under ``state_dir/hub``: verified files by content hash, one folder per
-installed version, and the active-version state.
+installed version. Which versions are active, kept and failed is the version owner's history
+(``state_dir/versions.json``), not the store's.
 
 Layout (a contract, see ``docs/decisions.md``)::
 
@@ -8,60 +9,29 @@ Layout (a contract, see ``docs/decisions.md``)::
     hub/blobs/SHA              verified files, named by their SHA-256
     hub/models/NAME/VERSION/   an installed version: bundle.json, install.json and hard
                                links to the blobs it uses, under their release file names
-    hub/state.json             active, previous, requested, desired and failed versions
-    hub/.state.lock            serialises read-modify-write of state.json (flock)
 
 Every write that matters is atomic: files are written, fsynced and renamed; a version folder
-is built under a dot-name and renamed into place; ``state.json`` is replaced whole. A kill at
-any moment leaves the old or the new state; :meth:`ModelStore.recover` sweeps the leftovers of
-an interrupted step (half-built folders), never anything a state refers to.
+is built under a dot-name and renamed into place. A kill at any moment leaves the old or the
+new state; :meth:`ModelStore.recover` sweeps the leftovers of an interrupted step (half-built
+folders), never anything a state refers to.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from edgeagent.errors import HubError, VerificationError
+from edgeagent.fsutil import fsync_dir
 from edgeagent.hub.bundle import Bundle, Variant, parse_bundle
 
 log = logging.getLogger(__name__)
-
-STATE_SCHEMA = 1
-
-
-@dataclass
-class ModelState:
-    """What the box runs of one hub model."""
-
-    active: int | None = None
-    previous: list[int] = field(default_factory=list)
-    """Older versions kept for rollback, newest first."""
-    requested: int | None = None
-    """A version an operator asked for (pull/rollback), not yet activated."""
-    failed: dict[int, str] = field(default_factory=dict)
-    """Versions that failed to activate here, with why: not retried unless asked for."""
-    desired: int | None = None
-    """A pinned version (fleet desired state, ``pull NAME@V``, rollback) that overrides the
-    configured ``version``; None follows the configuration."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"active": self.active, "previous": self.previous, "requested": self.requested,
-                "desired": self.desired,
-                "failed": {str(k): v for k, v in self.failed.items()}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelState:
-        return cls(data.get("active"), list(data.get("previous", [])), data.get("requested"),
-                   {int(k): str(v) for k, v in data.get("failed", {}).items()},
-                   data.get("desired"))
 
 
 class DiskUsage(Protocol):
@@ -91,32 +61,8 @@ class Installed:
         return self.directory / self.variant.file
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the folder: the file is either old or new after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _replace_with(state: ModelState, new: ModelState) -> None:
-    state.__dict__.update(new.__dict__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ModelStore:
-    """The files and state of hub models on this box (blocking I/O: call from an executor).
+    """The files of hub models on this box (blocking I/O: call from an executor).
 
     Args:
         root: The store folder (``state_dir/hub``).
@@ -130,52 +76,6 @@ class ModelStore:
         self.downloads = root / "downloads"
         self.blobs = root / "blobs"
         self.models = root / "models"
-        self.state_file = root / "state.json"
-
-    # ---- state --------------------------------------------------------------------------
-
-    def read_state(self) -> dict[str, ModelState]:
-        try:
-            doc = json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise HubError(f"{self.state_file}: unreadable ({exc}); move it aside to start over"
-                           ) from exc
-        return {n: ModelState.from_dict(m) for n, m in doc.get("models", {}).items()}
-
-    def write_state(self, state: Mapping[str, ModelState]) -> None:
-        doc = {"schema": STATE_SCHEMA, "models": {n: s.to_dict() for n, s in sorted(state.items())}}
-        write_atomic(self.state_file, json.dumps(doc, indent=2).encode())
-
-    def model_state(self, name: str) -> ModelState:
-        return self.read_state().get(name, ModelState())
-
-    def update_state(self, name: str, state: ModelState) -> None:
-        """Replace one model's state whole (prefer :meth:`modify`, which cannot lose a
-        concurrent change)."""
-        self.modify(name, lambda s: _replace_with(s, state))
-
-    def modify(self, name: str, change: Callable[[ModelState], None]) -> ModelState:
-        """Read one model's state, apply ``change`` to it and write it back, atomically and
-        under an exclusive lock, so two writers (the poll loop, the load endpoint, an operator's
-        ``edgeagent pull`` in another process) never lose each other's changes.
-
-        Returns:
-            The state as written.
-        """
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".state.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
-            everything = self.read_state()
-            state = everything.get(name, ModelState())
-            change(state)
-            everything[name] = state
-            self.write_state(everything)
-            return state
-        finally:
-            os.close(fd)
 
     # ---- files --------------------------------------------------------------------------
 
@@ -191,7 +91,7 @@ class ModelStore:
         self.blobs.mkdir(parents=True, exist_ok=True)
         target = self.blobs / sha256
         os.replace(partial, target)
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
         return target
 
     def free_bytes(self) -> int:
@@ -233,9 +133,9 @@ class ModelStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return self.installed(bundle.name, bundle.version)
 
     def installed(self, name: str, version: int) -> Installed:

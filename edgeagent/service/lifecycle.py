@@ -22,19 +22,38 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from edgeagent.config import AgentConfig
 from edgeagent.errors import ConfigError
 from edgeagent.service.notify import Notifier, watchdog_timeout
-from edgeagent.service.watchdog import Watchdog
-
-if TYPE_CHECKING:
-    from edgeagent.app import Agent
+from edgeagent.service.reload import ReloadPlan
+from edgeagent.service.watchdog import InferenceClock, Watchdog
 
 log = logging.getLogger(__name__)
 
 ConfigLoader = Callable[[], AgentConfig]
+
+
+class ServedModels(InferenceClock, Protocol):
+    """The model manager, as the service sees it (the watchdog's clock, the status line)."""
+
+    def status(self) -> list[dict[str, Any]]: ...
+
+
+class Agent(Protocol):
+    """What the service drives: the composition root (``edgeagent.app.Agent``)."""
+
+    config: AgentConfig
+
+    @property
+    def manager(self) -> ServedModels: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def reload(self, config: AgentConfig) -> ReloadPlan: ...
 
 
 T = TypeVar("T")

@@ -35,12 +35,16 @@ class ReloadPlan:
     """Models whose scheduling limits changed (and that are not reloaded anyway)."""
     restart_keys: tuple[str, ...] = ()
     """Changed keys that only a restart applies, as key paths (``http.listen``)."""
+    failed: tuple[str, ...] = ()
+    """``name: why`` for models that were to be loaded and do not serve what they should."""
 
     def summary(self) -> str:
         """One line for the log and systemd's STATUS=."""
         parts = []
-        for label, names in (("loaded", self.load), ("unloaded", self.unload),
-                             ("new limits", self.limits)):
+        failed = {f.split(":", 1)[0] for f in self.failed}
+        loaded = tuple(n for n in self.load if n not in failed)
+        for label, names in (("loaded", loaded), ("unloaded", self.unload),
+                             ("new limits", self.limits), ("not loaded", self.failed)):
             if names:
                 parts.append(f"{label}: {', '.join(names)}")
         if self.restart_keys:

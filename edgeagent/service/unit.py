@@ -131,6 +131,7 @@ _HELP: dict[str, str] = {
     "mqtt.url": "mqtt:// or mqtts:// broker; empty = telemetry is only spooled locally.",
     "mqtt.password_file": "File holding the broker password (keeps the secret out of this file).",
     "mqtt.telemetry_interval_s": "Seconds between telemetry messages.",
+    "mqtt.reported_interval_s": "The reported state is re-published at least this often.",
 }
 
 _MODELS_EXAMPLE = """\

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -99,11 +100,15 @@ class Reporter:
         telemetry: Builds a message body (system and model figures).
         reported: Builds the reported state document.
         version: The agent's version, in presence payloads.
+        reannounce_s: The reported state is published again at least this often (jittered by
+            up to 10 %), changed or not, so a fleet controller that missed it catches up
+            without reading the broker's retained state.
     """
 
     def __init__(self, client: MqttClient | None, spool: Spool, topics: Topics, *,
                  interval_s: float, telemetry: Callable[[], dict[str, Any]],
-                 reported: Callable[[], dict[str, Any]], version: str) -> None:
+                 reported: Callable[[], dict[str, Any]], version: str,
+                 reannounce_s: float = 300.0) -> None:
         self.client = client
         self.spool = spool
         self.topics = topics
@@ -116,6 +121,9 @@ class Reporter:
         self._last_reported: bytes = b""
         self._reported_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()  # one sender at a time keeps seq order, no repeats
+        self.reannounce_s = reannounce_s
+        self._announced = time.monotonic()
+        self._jitter = random.uniform(0.9, 1.0)  # noqa: S311 - spreads a fleet, not security
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._tick(), name="telemetry-tick"))
@@ -165,6 +173,7 @@ class Reporter:
             await self.client.publish(self.topics.reported, dumps({"ts": time.time(), **doc}),
                                       retain=True)
             self._last_reported = body
+            self._announced = time.monotonic()
 
     async def snapshot(self) -> int:
         """Build one telemetry message and put it in the spool; return its seq."""
@@ -184,7 +193,8 @@ class Reporter:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.snapshot()
-                await self.publish_reported()
+                due = time.monotonic() - self._announced >= self.reannounce_s * self._jitter
+                await self.publish_reported(force=due)
             except BrokerError as exc:
                 log.debug("reported state not sent: %s", exc)
             except Exception:  # one bad sample must not end telemetry for good

@@ -1,0 +1,229 @@
+"""The operator's commands on the box: ``edgeagent pull``, ``rollback`` and ``models``.
+
+While the agent runs, each command asks it over the local admin channel (a Unix socket whose
+permissions authorise; :mod:`edgeagent.localapi`) and the agent's version owner does the work:
+nothing is written by the command, and nothing is pinned before the agent accepted the version.
+While the agent is stopped, the command changes the state the agent reads at start (the history
+in ``state_dir/versions.json``; ``pull`` also downloads and verifies into the store, with a
+progress bar) and says so.
+
+``pull NAME@V`` pins V (the operator's pin wins over the fleet and the configuration, and is
+reported to the fleet as such); ``pull NAME`` clears the pin: the model follows the fleet's
+documents, else the configuration (``latest`` = the hub's newest) again; ``rollback NAME``
+pins the newest kept previous version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgeagent.config import AgentConfig, ModelSection, config_dir, load_config
+from edgeagent.demo import demo_config
+from edgeagent.errors import ConfigError, EdgeAgentError, HubError, ModelNotFound
+from edgeagent.localapi import agent_running, local_client
+from edgeagent.versions.history import History, VersionState
+
+AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def add_admin_commands(add: AddCommand) -> None:
+    """Register ``pull``, ``rollback`` and ``models`` with the ``edgeagent`` parser."""
+    p = add("pull", cmd_pull, "use a model version (NAME@V pins it; NAME follows the fleet or "
+                              "the configuration again)")
+    p.add_argument("model", metavar="NAME[@VERSION]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("rollback", cmd_rollback, "go back to the previous version of a model, and pin it")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("models", cmd_models, "list the models, their versions and what decided each")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    loaded = load_config(args.config, os.environ)
+    # Embedded defaults serve the demo hub: the operator commands work on it too.
+    return demo_config(loaded, loaded.state_path(os.environ).resolve())
+
+
+def _section(config: AgentConfig, name: str) -> ModelSection:
+    section = config.model(name)
+    if section is None:
+        known = ", ".join(m.name for m in config.models) or "none"
+        raise ModelNotFound(f"unknown model {name!r}: not in {config.source} (known: {known})")
+    return section
+
+
+def _ask(config: AgentConfig, method: str, path: str, body: Any = None) -> Any:
+    """One request to the running agent; its error in words."""
+    try:
+        with local_client(config, timeout=900) as client:
+            response = client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        raise EdgeAgentError(f"cannot reach the agent ({exc})") from exc
+    if response.status_code in (401, 403):
+        raise EdgeAgentError(
+            f"the agent refused ({response.status_code}): run this command as root or as a "
+            "member of the agent's group (the admin socket's group), or set http.token_file")
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = {"error": response.text.strip()}
+    if response.status_code != 200:
+        raise EdgeAgentError(str(doc.get("error", doc)))
+    return doc
+
+
+def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else text)
+
+
+def _describe(m: dict[str, Any]) -> str:
+    line = f"{m['name']}: serving {m.get('serving') or 'nothing'}"
+    line += f" ({m.get('source')})" if m.get("source") else ""
+    if m.get("target") is not None and m.get("target") != m.get("serving"):
+        line += f"; target {m['target']}"
+    if m.get("previous"):
+        line += f"; previous {', '.join(str(v) for v in m['previous'])}"
+    for version, why in sorted((m.get("failed") or {}).items()):
+        line += f"; v{version} failed here: {why}"
+    if m.get("error"):
+        line += f"; {m['error']}"
+    return line
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    config = _config(args)
+    name, _, wanted = args.model.partition("@")
+    if wanted and not (wanted.isascii() and wanted.isdigit() and len(wanted) < 19
+                       and int(wanted) >= 1):
+        raise ConfigError(f"expected NAME or NAME@VERSION (an integer >= 1), got {args.model!r}")
+    section = _section(config, name)
+    version = int(wanted) if wanted else None
+    if agent_running(config):
+        doc = _ask(config, "POST", f"/v1/agent/models/{name}/pull", {"version": version})
+        verb = f"pinned to version {version}" if version else "following "
+        if version is None:
+            verb += "the fleet or the configuration again"
+        _print(args, {**doc, "agent": "running"},
+               f"{name}: {verb}; the running agent serves version {doc.get('serving')} "
+               f"({doc.get('source')})")
+        return 0
+    doc = _pull_offline(config, section, version, show_progress=not args.json)
+    when = (f"will switch to version {version}" if version
+            else "will follow the fleet or the configuration again")
+    _print(args, {**doc, "agent": "stopped"},
+           f"{name}: the agent is not running; it {when} when it starts")
+    return 0
+
+
+def _pull_offline(config: AgentConfig, section: ModelSection, version: int | None, *,
+                  show_progress: bool) -> dict[str, Any]:
+    """The agent is stopped: download and verify (a hub model), then change the history."""
+    history = History(config.state_path(os.environ))
+    name = section.name
+    if version is not None:
+        if section.path:
+            if version not in history.read().model(name).local:
+                raise ModelNotFound(f"model {name!r} has no local version {version}")
+        else:
+            _download(config, name, version, show_progress)
+
+    def change(state: VersionState) -> None:
+        model = state.model(name)
+        model.operator_pin = version
+        if version is not None:
+            model.failed.pop(version, None)
+
+    state = history.modify(change)
+    return {"name": name, "operator_pin": version, **state.model(name).to_dict()}
+
+
+def _download(config: AgentConfig, name: str, version: int, show_progress: bool) -> None:
+    from tqdm import tqdm
+
+    from edgeagent.device.facts import collect_facts
+    from edgeagent.device.profiles import load_profiles, select_profile
+    from edgeagent.hub.source import HubSource, profile_chooser
+
+    if not config.hub.url:
+        raise ConfigError("no hub is configured; set [hub] url and root", "hub.url")
+    facts = collect_facts(Path("/"))
+    extra = Path(config.agent.profiles_dir) if config.agent.profiles_dir else None
+    forced = None if config.agent.profile == "auto" else config.agent.profile
+    profile = select_profile(load_profiles(extra), facts, forced)
+    source = HubSource(config.hub, config.state_path(os.environ),
+                       profile_chooser(profile.profile, facts), base_dir=config_dir(config))
+    try:
+        index = source.refresh_blocking()
+        if version not in index.versions.get(name, ()) and \
+                version not in source.installed_versions(name):
+            have = ", ".join(map(str, index.versions.get(name, ()))) or "none"
+            raise HubError(f"the hub has no version {version} of {name!r} (it has: {have})")
+        with tqdm(unit="B", unit_scale=True, desc=f"{name} v{version}",
+                  disable=not show_progress) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            inst = source.fetch_blocking(name, version, progress)
+    finally:
+        source.close()
+    if show_progress:
+        print(f"{name} version {version} verified and stored: {inst.variant.file} "
+              f"({inst.reason})")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    config = _config(args)
+    name = args.name
+    _section(config, name)
+    if agent_running(config):
+        doc = _ask(config, "POST", f"/v1/agent/models/{name}/rollback", {})
+        _print(args, {**doc, "agent": "running"},
+               f"{name}: rolled back and pinned to version {doc.get('serving')}")
+        return 0
+    history = History(config.state_path(os.environ))
+    target: list[int] = []
+
+    def change(state: VersionState) -> None:
+        model = state.model(name)
+        if not model.previous:
+            raise ModelNotFound(f"model {name}: no previous version to roll back to")
+        target.append(model.previous[0])
+        model.operator_pin = model.previous[0]
+
+    state = history.modify(change)
+    _print(args, {"name": name, "agent": "stopped", **state.model(name).to_dict()},
+           f"{name}: the agent is not running; it will go back to version {target[0]} (pinned) "
+           "when it starts")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if agent_running(config):
+        doc = _ask(config, "GET", "/v1/agent/models")
+        models = doc["models"]
+    else:
+        state = History(config.state_path(os.environ)).read()
+        models = [{"name": m.name, "serving": None, "agent": "stopped",
+                   **state.model(m.name).to_dict(),
+                   "source": "agent stopped: last active " + str(state.model(m.name).active)}
+                  for m in config.models]
+        doc = {"models": models, "agent": "stopped"}
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    if not models:
+        print("no models configured")
+    for m in models:
+        print(_describe(m))
+    return 0

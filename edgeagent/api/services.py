@@ -1,0 +1,27 @@
+"""What the local API is given by the composition root: no component builds its siblings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.config import AgentConfig
+from edgeagent.runtime.manager import ModelManager
+from edgeagent.runtime.scheduler import InferenceScheduler
+
+if TYPE_CHECKING:
+    from edgeagent.versions.owner import VersionOwner
+
+
+@dataclass
+class Services:
+    """The transport-free services the HTTP handlers call."""
+
+    config: AgentConfig
+    manager: ModelManager
+    scheduler: InferenceScheduler
+    owner: VersionOwner
+    token: str | None
+    status: Callable[[], dict[str, Any]]
+    draining: Callable[[], bool] = field(default=lambda: False)

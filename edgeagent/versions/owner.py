@@ -1,0 +1,710 @@
+"""The one owner of "which version of model X serves, and why" (DESIGN 3.6).
+
+Every route that can change a model's version calls this component and nothing else: start-up,
+SIGHUP, the hub poll, the repository endpoint, the operator's commands (``pull``, ``rollback``
+over the local admin channel), fleet documents and fleet commands. For each model it gathers
+the inputs of the pure policy (:func:`edgeagent.versions.policy.decide`), and when the target
+differs from what serves it runs the one activation path under the model's one lock: get the
+version from its source (the hub's verified store, or a kept local copy), load, warm up, check,
+swap (the manager), record in the one persisted history, collect what is no longer kept. A
+failure leaves the last good version serving and is recorded with its reason; a transient one
+(hub unreachable, metadata expired) is not, and is tried again on the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.config import ModelSection
+from edgeagent.control.desired import DesiredDoc, DesiredStateError, parse_desired, revision_hint
+from edgeagent.control.rollout import RolloutDoc, RolloutError, parse_rollout
+from edgeagent.errors import EdgeAgentError, HubError, ModelNotFound, TransientError
+from edgeagent.runtime.manager import ModelManager, ModelSource
+from edgeagent.versions.history import History, ModelHistory, VersionState
+from edgeagent.versions.local import LocalFiles
+from edgeagent.versions.policy import (
+    Decision,
+    GroupDocs,
+    Inputs,
+    Pin,
+    Rollout,
+    decide,
+    rollout_outcome,
+)
+
+if TYPE_CHECKING:  # the hub stack (tuf, httpx) is imported only where a hub is configured
+    from edgeagent.hub.source import HubSource
+
+log = logging.getLogger(__name__)
+
+#: Called at each named step (tests stop a process there).
+StepHook = Callable[[str], None]
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure says nothing about the release itself (try again later): the hub
+    could not be reached, or its metadata has expired. Everything else (verification of a
+    complete file, load, warm-up, checks, no variant for this box) marks the version failed."""
+    return isinstance(exc, TransientError)
+
+
+@dataclass
+class Outcome:
+    """What activating a model's target gave."""
+
+    decision: Decision
+    serving: int | None
+    error: str = ""
+    transient: bool = False
+
+
+@dataclass
+class DesiredOutcome:
+    """``reported.desired``: how the device and group documents stand on this box."""
+
+    state: str = "none"
+    """``none`` (no document), ``applied``, ``refused``, ``failed`` or ``pending``."""
+    revisions: dict[str, int] = field(default_factory=dict)
+    models: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+    overridden: dict[str, str] = field(default_factory=dict)
+    """Models a document names that a more specific source decides here (the operator's pin)."""
+    ts: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "revisions": self.revisions, "models": self.models,
+                "error": self.error, "overridden": self.overridden, "ts": self.ts}
+
+
+class VersionOwner:
+    """Decides and activates the version of every configured model.
+
+    Args:
+        manager: Loads, checks and swaps versions (the only code that touches sessions).
+        state_dir: Where the history (``versions.json``) and kept local copies live.
+        base_dir: What a relative model ``path`` is relative to.
+        device_id: This device's id (rollout buckets).
+        groups: The device's groups (``[agent] tags``), in precedence order.
+        keep_versions: Previous versions kept per model for rollback.
+        hub: The hub source, or None on a box without a hub.
+        poll_interval_s: How often the hub is asked for new releases.
+        on_step: Called with each named step (tests); None in production.
+    """
+
+    def __init__(self, manager: ModelManager, state_dir: Path, base_dir: Path, *,
+                 device_id: str, groups: Sequence[str] = (), keep_versions: int = 2,
+                 hub: HubSource | None = None, poll_interval_s: float = 300.0,
+                 on_step: StepHook | None = None) -> None:
+        self.manager = manager
+        self.history = History(state_dir)
+        self.local = LocalFiles(state_dir, base_dir)
+        self.hub = hub
+        self.device_id = device_id
+        self.groups = tuple(groups)
+        self.keep_versions = keep_versions
+        self.poll_interval_s = poll_interval_s
+        self._on_step = on_step
+        self._sections: dict[str, ModelSection] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._state = VersionState()
+        self._decisions: dict[str, Decision] = {}
+        self._errors: dict[str, str] = {}
+        """Last activation error per model that is not a recorded failure (transient)."""
+        self._available: dict[str, frozenset[int]] = {}
+        self._local_current: dict[str, int] = {}
+        self._unloaded: set[str] = set()
+        self._listeners: list[Callable[[], None]] = []
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="edgeagent-versions")
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._failures = 0
+        self._desired = DesiredOutcome()
+        self._refusals: dict[str, str] = {}
+        """Fleet documents refused, by topic key, with why (reported)."""
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    def _step(self, name: str) -> None:
+        if self._on_step is not None:
+            self._on_step(name)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _write(self, change: Callable[[VersionState], None]) -> None:
+        """Persist a change (atomically, off the event loop) and adopt what was written."""
+        self._state = await self._run(self.history.modify, change)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Be told (synchronously, on the loop) whenever a model's version or reason changed."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def _hist(self, name: str) -> ModelHistory:
+        return self._state.models.get(name) or ModelHistory()
+
+    def known(self, name: str) -> ModelSection:
+        try:
+            return self._sections[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}: not in the configuration") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._sections)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, sections: Sequence[ModelSection]) -> None:
+        """Read the history, serve what the box has (never waiting for the hub), then poll."""
+        self._state = await self._run(self.history.read)
+        if self.hub is not None:
+            await self.hub.start()
+        await self.configure(sections)
+        for name in self.names():
+            outcome = await self.converge(name, offline=True)
+            if outcome.serving is None and not outcome.error:
+                log.info("model %s: waiting for %s", name, outcome.decision.source)
+        self._task = asyncio.create_task(self._loop(), name="versions-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.hub is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.hub.close)
+        self._io.shutdown(wait=True)
+
+    async def configure(self, sections: Sequence[ModelSection]) -> list[str]:
+        """Adopt the configured models; those no longer configured are unloaded. Returns the
+        names removed."""
+        new = {s.name: s for s in sections}
+        removed = [n for n in self._sections if n not in new]
+        self._sections = new
+        for name in new:
+            self.manager.declare(name)
+        for name in removed:
+            async with self._lock(name):
+                await self.manager.unload(name)
+                self.manager.forget(name)
+                self._decisions.pop(name, None)
+        return removed
+
+    def wake(self) -> None:
+        """Poll the hub and converge now (a command, a new document)."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            delay = await self.sync_once()
+            if self.hub is not None:
+                self.hub.status.next_sync_s = round(delay, 1)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _backoff(self) -> float:
+        base = min(self.poll_interval_s, 2.0 * 2.0 ** min(self._failures, 10))
+        return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
+
+    async def sync_once(self) -> float:
+        """One pass: refresh the hub's releases, then converge every model. Returns the delay
+        to the next pass (the poll interval, or a backoff while something transient failed)."""
+        delay = self.poll_interval_s
+        if self.hub is not None and any(not s.path for s in self._sections.values()):
+            try:
+                await self.hub.refresh()
+                self._failures = 0
+            except HubError as exc:
+                log.warning("hub: %s; serving what is installed, trying again", exc)
+                if transient(exc):
+                    self._failures += 1
+                    delay = self._backoff()
+        retry = False
+        for name in self.names():
+            if name in self._unloaded:
+                continue
+            outcome = await self.converge(name)
+            retry = retry or outcome.transient
+        if retry:
+            self._failures = max(self._failures, 1)
+            delay = min(delay, self._backoff())
+        return delay
+
+    # ---- deciding -----------------------------------------------------------------------
+
+    def _rollout(self, target: str, name: str) -> Rollout | None:
+        raw = self._state.fleet.rollouts.get(target, {}).get(name)
+        if raw is None:
+            return None
+        doc = RolloutDoc(**raw)
+        return Rollout(doc, target, self._state.fleet.bases.get(doc.rollout_id), self.device_id)
+
+    def _pin(self, raw: Mapping[str, Any] | None, name: str) -> Pin | None:
+        if raw is None or name not in raw.get("models", {}):
+            return None
+        return Pin(int(raw["models"][name]["version"]), int(raw["revision"]))
+
+    def inputs(self, name: str) -> Inputs:
+        """Everything that has a say in ``name``'s version now."""
+        section = self._sections[name]
+        hist = self._hist(name)
+        fleet = self._state.fleet
+        groups = [GroupDocs(g, self._rollout(f"group:{g}", name),
+                            self._pin(fleet.groups.get(g), name)) for g in self.groups]
+        hub_latest = None
+        if self.hub is not None and not section.path:
+            hub_latest = self.hub.latest(name)
+        return Inputs(
+            name, None if section.path else section.version,
+            local_version=self._local_current.get(name), operator_pin=hist.operator_pin,
+            device=self._pin(fleet.device, name), groups=groups,
+            fleet_rollout=self._rollout("fleet", name), hub_latest=hub_latest,
+            available=self._available.get(name, frozenset()), failed=dict(hist.failed),
+            active=hist.active)
+
+    def decision(self, name: str) -> Decision:
+        return decide(self.inputs(name))
+
+    async def _observe(self, name: str) -> None:
+        """Refresh what the box has of ``name`` (store listing; a path model's current file)."""
+        section = self._sections[name]
+        if section.path:
+            hist = self._hist(name)
+            try:
+                version, sha = await self._run(self.local.current, section, dict(hist.local))
+            except EdgeAgentError as exc:
+                self._errors[name] = str(exc)
+                self._local_current.pop(name, None)
+            else:
+                self._local_current[name] = version
+                if hist.local.get(version) != sha:
+                    await self._write(lambda s: s.model(name).local.__setitem__(version, sha))
+            self._available[name] = frozenset(self._hist(name).local)
+        elif self.hub is not None:
+            self._available[name] = frozenset(
+                await self._run(self.hub.installed_versions, name))
+
+    def _serving(self, name: str) -> int | None:
+        try:
+            return self.manager.get(name).version
+        except EdgeAgentError:
+            return None
+
+    async def converge(self, name: str, *, offline: bool = False) -> Outcome:
+        """Bring ``name`` to the policy's target (under its lock); never raises for the model's
+        own failures: they are recorded and reported.
+
+        Args:
+            name: A configured model.
+            offline: Only activate what the box already has (start-up: never wait for a hub).
+        """
+        async with self._lock(name):
+            return await self._converge(name, offline=offline)
+
+    async def _converge(self, name: str, *, offline: bool = False) -> Outcome:
+        self._unloaded.discard(name)
+        await self._observe(name)
+        decision = self.decision(name)
+        changed = self._decisions.get(name) != decision
+        self._decisions[name] = decision
+        serving = self._serving(name)
+        target = decision.target
+        outcome = Outcome(decision, serving)
+        if target is None or decision.blocked or target == serving:
+            if target is not None and target == serving and self._hist(name).active != target:
+                await self._record_active(name, target)
+            if target is None or target == serving:
+                self._errors.pop(name, None)
+            if changed:
+                self._notify()
+            return outcome
+        if offline and target not in self._available.get(name, frozenset()):
+            return outcome
+        outcome = await self._activate(name, target, decision)
+        self._notify()
+        return outcome
+
+    async def _source(self, name: str, version: int) -> ModelSource:
+        section = self._sections[name]
+        if section.path:
+            sha = self._hist(name).local.get(version, "")
+            source: ModelSource = await self._run(self.local.source, name, version, sha)
+            return source
+        if self.hub is None:
+            raise ModelNotFound(f"model {name!r} comes from the hub, and no hub is configured")
+        return await self.hub.fetch(name, version)
+
+    async def _activate(self, name: str, version: int, decision: Decision) -> Outcome:
+        """The one activation path (the model's lock is held): get, load, check, swap, record."""
+        log.info("model %s: activating version %d (%s)", name, version, decision.source)
+        try:
+            source = await self._source(name, version)
+            await self.manager.load(name, source)
+        except EdgeAgentError as exc:
+            serving = self._serving(name)
+            if transient(exc):
+                self._errors[name] = str(exc)
+                log.warning("model %s version %d not activated yet: %s", name, version, exc)
+                return Outcome(decision, serving, str(exc), transient=True)
+            why = str(exc)
+            await self._write(lambda s: s.model(name).failed.__setitem__(version, why))
+            self._errors.pop(name, None)
+            log.error("model %s version %d failed here, %s: %s", name, version,
+                      f"version {serving} keeps serving" if serving else "nothing serves it",
+                      exc)
+            return Outcome(self.decision(name), serving, str(exc))
+        self._step("loaded")
+        await self._record_active(name, version)
+        self._errors.pop(name, None)
+        return Outcome(decision, version)
+
+    async def _record_active(self, name: str, version: int) -> None:
+        await self._write(lambda s: s.model(name).record_active(version, self.keep_versions))
+        self._step("state-written")
+        await self._collect()
+        self._step("collected")
+
+    async def _collect(self) -> None:
+        keep = {n: h.kept() for n, h in self._state.models.items()}
+        for name, fleet_versions in self._fleet_versions().items():
+            keep.setdefault(name, set()).update(fleet_versions)
+        if self.hub is not None:
+            await self.hub.collect(keep)
+        for name, section in self._sections.items():
+            if section.path:
+                await self._run(self.local.collect, name, keep.get(name, set()))
+
+    def _fleet_versions(self) -> dict[str, set[int]]:
+        """Versions a fleet document may ask for again soon (rollout bases and targets)."""
+        out: dict[str, set[int]] = {}
+        fleet = self._state.fleet
+        for target in fleet.rollouts.values():
+            for name, raw in target.items():
+                base = fleet.bases.get(raw["rollout_id"])
+                out.setdefault(name, set()).update(
+                    v for v in (raw["version"], base) if v is not None)
+        return out
+
+    # ---- the repository endpoint and start-up -------------------------------------------
+
+    async def load(self, name: str) -> int:
+        """(Re)load ``name`` at its target (the repository ``load`` endpoint).
+
+        Raises:
+            ModelNotFound: unknown; EdgeAgentError: nothing serves it (with the reason).
+        """
+        self.known(name)
+        async with self._lock(name):
+            hist = self._hist(name)
+            decision = self.decision(name)
+            if decision.target is not None and decision.target in hist.failed:
+                # An explicit load tries a failed target once more.
+                target = decision.target
+                await self._write(lambda s: _forget_failure(s, name, target))
+            if self._serving(name) is None:
+                self.manager.declare(name)
+            outcome = await self._converge(name)
+        if outcome.serving is None:
+            why = outcome.error or f"waiting for {outcome.decision.source}"
+            raise EdgeAgentError(f"model {name!r} is not serving: {why}")
+        if outcome.error:
+            raise EdgeAgentError(f"model {name!r}: version {outcome.decision.target} not "
+                                 f"activated ({outcome.error}); version {outcome.serving} serves")
+        return outcome.serving
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` until it is loaded again or the agent restarts (an unload does
+        not last across a restart: the configuration says what serves at start)."""
+        self.known(name)
+        async with self._lock(name):
+            self._unloaded.add(name)
+            await self.manager.unload(name)
+        self._notify()
+
+    # ---- the operator's commands ----------------------------------------------------------
+
+    async def _check_version(self, name: str, version: int) -> None:
+        section = self.known(name)
+        if section.path:
+            if version not in self._hist(name).local:
+                kept = ", ".join(map(str, sorted(self._hist(name).local))) or "none"
+                raise ModelNotFound(f"model {name!r} has no local version {version} "
+                                    f"(kept: {kept})")
+        elif self.hub is None:
+            raise ModelNotFound(f"model {name!r} comes from the hub, and no hub is configured")
+        else:
+            await self.hub.check(name, version)
+
+    async def pin(self, name: str, version: int) -> Outcome:
+        """The operator pins ``version`` (``edgeagent pull NAME@V``): tried now (a version that
+        failed before too); the pin is written only once the version serves.
+
+        Raises:
+            ModelNotFound: no such model or version; EdgeAgentError: it did not activate (the
+            old version serves; nothing was pinned).
+        """
+        await self._check_version(name, version)
+        async with self._lock(name):
+            await self._write(lambda s: _forget_failure(s, name, version))
+            decision = Decision(version, "operator", "operator pin")
+            if self._serving(name) == version:
+                outcome = Outcome(decision, version)
+                await self._record_active(name, version)
+            else:
+                outcome = await self._activate(name, version, decision)
+            if outcome.serving != version:
+                self._notify()
+                raise EdgeAgentError(f"model {name} version {version} not activated, nothing "
+                                     f"pinned: {outcome.error}")
+            await self._write(lambda s: setattr(s.model(name), "operator_pin", version))
+            outcome = await self._converge(name)
+        self._notify()
+        return outcome
+
+    async def unpin(self, name: str) -> Outcome:
+        """Clear the operator's pin (``edgeagent pull NAME``): follow the fleet, else the
+        configuration, again (the hub is asked for its latest first)."""
+        section = self.known(name)
+        if self.hub is not None and not section.path:
+            with contextlib.suppress(HubError):
+                await self.hub.refresh()
+        async with self._lock(name):
+            await self._write(lambda s: setattr(s.model(name), "operator_pin", None))
+            outcome = await self._converge(name)
+        self._notify()
+        return outcome
+
+    def rollback_target(self, name: str) -> int:
+        """The newest kept previous version.
+
+        Raises:
+            ModelNotFound: nothing to roll back to.
+        """
+        self.known(name)
+        hist = self._hist(name)
+        available = self._available.get(name, frozenset())
+        for version in hist.previous:
+            if version in available:
+                return version
+        raise ModelNotFound(f"model {name}: no previous version on this box to roll back to")
+
+    async def rollback(self, name: str) -> Outcome:
+        """The operator goes back to the newest kept previous version, and pins it."""
+        self.known(name)
+        async with self._lock(name):
+            await self._observe(name)
+        return await self.pin(name, self.rollback_target(name))
+
+    # ---- fleet documents ----------------------------------------------------------------
+
+    def _doc_models(self) -> set[str]:
+        fleet = self._state.fleet
+        out = set((fleet.device or {}).get("models", {}))
+        for doc in fleet.groups.values():
+            out |= set(doc.get("models", {}))
+        return out
+
+    async def receive_desired(self, source: str, payload: bytes) -> DesiredOutcome:
+        """A device (``device``) or group (``group:NAME``) desired document arrived (an empty
+        payload withdraws it). A malformed one, or one naming a model or version this box
+        cannot get, is refused whole and the documents held before stay."""
+        doc: DesiredDoc | None = None
+        try:
+            doc = parse_desired(payload)
+            if doc is not None:
+                await self._check_desired(doc)
+        except DesiredStateError as exc:
+            return self._refuse_desired(source, revision_hint(payload), str(exc))
+        except EdgeAgentError as exc:
+            assert doc is not None
+            return self._refuse_desired(source, doc.revision, str(exc))
+        before = self._doc_models()
+        raw = doc.to_dict() if doc is not None else None
+
+        def change(s: VersionState) -> None:
+            if source == "device":
+                s.fleet.device = raw
+            elif raw is None:
+                s.fleet.groups.pop(source[6:], None)
+            else:
+                s.fleet.groups[source[6:]] = raw
+
+        await self._write(change)
+        self._refusals.pop(source, None)
+        names = sorted((before | self._doc_models()) & set(self._sections))
+        for name in names:
+            await self.converge(name)
+        return self._desired_outcome()
+
+    async def _check_desired(self, doc: DesiredDoc) -> None:
+        for name, version in sorted(doc.models.items()):
+            try:
+                await self._check_version(name, version)
+            except EdgeAgentError as exc:
+                raise EdgeAgentError(f"{name} version {version}: {exc}") from exc
+
+    def _refuse_desired(self, source: str, revision: int, why: str) -> DesiredOutcome:
+        log.warning("desired state from %s refused: %s", source, why)
+        self._refusals[source] = why
+        self._desired = DesiredOutcome("refused", {**self._revisions(), source: revision},
+                                       self._desired.models, f"{source}: {why}",
+                                       ts=time.time())
+        self._notify()
+        return self._desired
+
+    def _revisions(self) -> dict[str, int]:
+        fleet = self._state.fleet
+        out = {}
+        if fleet.device is not None:
+            out["device"] = int(fleet.device["revision"])
+        for group in self.groups:
+            if group in fleet.groups:
+                out[f"group:{group}"] = int(fleet.groups[group]["revision"])
+        return out
+
+    def _desired_outcome(self) -> DesiredOutcome:
+        """How the held device and group documents stand now."""
+        revisions = self._revisions()
+        if not revisions:
+            self._desired = DesiredOutcome()
+            return self._desired
+        wanted: dict[str, int] = {}
+        overridden: dict[str, str] = {}
+        errors: list[str] = []
+        pending = False
+        for name in sorted(self._doc_models() & set(self._sections)):
+            decision = self._decisions.get(name) or self.decision(name)
+            inputs = self.inputs(name)
+            doc_pin = inputs.device or next((g.desired for g in inputs.groups if g.desired), None)
+            if doc_pin is None:
+                continue
+            wanted[name] = doc_pin.version
+            if decision.kind not in ("device", "group"):
+                overridden[name] = decision.source
+                continue
+            serving = self._serving(name)
+            failed = self._hist(name).failed
+            if decision.target in failed:
+                errors.append(f"{name} version {decision.target}: {failed[decision.target]}")
+            elif serving != decision.target:
+                pending = True
+        state = "failed" if errors else ("pending" if pending else "applied")
+        self._desired = DesiredOutcome(state, revisions, wanted, "; ".join(errors), overridden,
+                                       time.time())
+        return self._desired
+
+    async def receive_rollout(self, target: str, model: str, payload: bytes) -> None:
+        """A rollout document for ``target`` (``group:NAME`` or ``fleet``) and ``model``
+        arrived (an empty payload withdraws it). The first time a rollout id is seen, the
+        version served then is recorded as its base."""
+        key = f"rollout {target}/{model}"
+        try:
+            doc = parse_rollout(payload, model)
+        except RolloutError as exc:
+            log.warning("%s refused: %s", key, exc)
+            self._refusals[key] = str(exc)
+            self._notify()
+            return
+        self._refusals.pop(key, None)
+        base = self._hist(model).active if model in self._sections else None
+
+        def change(s: VersionState) -> None:
+            if doc is None:
+                s.fleet.rollouts.get(target, {}).pop(model, None)
+                return
+            s.fleet.rollouts.setdefault(target, {})[model] = doc.to_dict()
+            s.fleet.remember_base(doc.rollout_id, base)
+
+        await self._write(change)
+        if model in self._sections:
+            await self.converge(model)
+        else:
+            self._notify()
+
+    # ---- reporting ----------------------------------------------------------------------
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What decides ``name`` and what it ran, for ``status`` and ``reported``."""
+        decision = self._decisions.get(name) or self.decision(name)
+        hist = self._hist(name)
+        out: dict[str, Any] = {
+            "target": decision.target, "source": decision.source,
+            "source_kind": decision.kind, "fleet_control": decision.fleet,
+            "operator_pin": hist.operator_pin, "active": hist.active,
+            "previous": hist.previous,
+            "failed": {str(k): v for k, v in sorted(hist.failed.items())},
+        }
+        if decision.blocked:
+            out["blocked"] = (f"version {decision.target} failed here before "
+                              f"({decision.blocked}); 'edgeagent pull {name}@{decision.target}' "
+                              "tries it again")
+        if name in self._errors:
+            out["error"] = self._errors[name]
+        if name in self._unloaded:
+            out["unloaded"] = True
+        return out
+
+    def rollouts(self) -> dict[str, dict[str, Any]]:
+        """``reported.rollouts``: how this device stands in every rollout it holds."""
+        out: dict[str, dict[str, Any]] = {}
+        for target, models in self._state.fleet.rollouts.items():
+            for name in models:
+                rollout = self._rollout(target, name)
+                assert rollout is not None
+                entry: dict[str, Any] = {
+                    "model": name, "target": target, "version": rollout.doc.version,
+                    "base": rollout.base, "bucket": rollout.bucket,
+                    "in_share": rollout.in_share, "state": rollout.doc.state}
+                if name not in self._sections:
+                    entry.update(outcome="held", error="the model is not configured here")
+                else:
+                    decision = self._decisions.get(name) or self.decision(name)
+                    outcome, error = rollout_outcome(rollout, decision, self._serving(name),
+                                                     self._hist(name).failed)
+                    entry.update(outcome=outcome, error=error)
+                out[rollout.doc.rollout_id] = entry
+        return out
+
+    def desired(self) -> dict[str, Any]:
+        """``reported.desired``."""
+        if self._desired.state != "refused":
+            self._desired_outcome()
+        return self._desired.to_dict()
+
+    def refusals(self) -> dict[str, str]:
+        return dict(self._refusals)
+
+    def active_versions(self) -> dict[str, int | None]:
+        return {n: self._hist(n).active for n in self.names()}
+
+
+def _forget_failure(state: VersionState, name: str, version: int) -> None:
+    state.model(name).failed.pop(version, None)
+
+
+def summary(outcomes: Iterable[tuple[str, Outcome]]) -> tuple[list[str], list[str]]:
+    """Names serving their target, and ``name: why`` for the others (honest reload logs)."""
+    ok, bad = [], []
+    for name, outcome in outcomes:
+        if outcome.error or outcome.serving is None:
+            bad.append(f"{name}: {outcome.error or 'waiting for ' + outcome.decision.source}")
+        else:
+            ok.append(name)
+    return ok, bad
