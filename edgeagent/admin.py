@@ -84,8 +84,19 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else text)
 
 
+def _stored(config: AgentConfig, section: ModelSection) -> list[int]:
+    """Versions on disk (the agent stopped): the hub store's, or the kept local copies."""
+    state_dir = config.state_path(os.environ)
+    folder = state_dir / ("local" if section.path else "hub/models") / section.name
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 def _describe(m: dict[str, Any]) -> str:
     line = f"{m['name']}: serving {m.get('serving') or 'nothing'}"
+    if "stored" in m:
+        line += f"; stored {', '.join(map(str, m['stored'])) or 'nothing'}"
     line += f" ({m.get('source')})" if m.get("source") else ""
     if m.get("target") is not None and m.get("target") != m.get("serving"):
         line += f"; target {m['target']}"
@@ -128,12 +139,11 @@ def _pull_offline(config: AgentConfig, section: ModelSection, version: int | Non
     """The agent is stopped: download and verify (a hub model), then change the history."""
     history = History(config.state_path(os.environ))
     name = section.name
-    if version is not None:
-        if section.path:
-            if version not in history.read().model(name).local:
-                raise ModelNotFound(f"model {name!r} has no local version {version}")
-        else:
-            _download(config, name, version, show_progress)
+    if section.path:
+        if version is not None and version not in history.read().model(name).local:
+            raise ModelNotFound(f"model {name!r} has no local version {version}")
+    else:  # fetched now, so the agent starts on it without waiting for the hub
+        _download(config, name, version, show_progress)
 
     def change(state: VersionState) -> None:
         model = state.model(name)
@@ -145,7 +155,9 @@ def _pull_offline(config: AgentConfig, section: ModelSection, version: int | Non
     return {"name": name, "operator_pin": version, **state.model(name).to_dict()}
 
 
-def _download(config: AgentConfig, name: str, version: int, show_progress: bool) -> None:
+def _download(config: AgentConfig, name: str, version: int | None,
+              show_progress: bool) -> None:
+    """Download and verify ``version`` (None: the hub's latest) into the store."""
     from tqdm import tqdm
 
     from edgeagent.device.facts import collect_facts
@@ -162,6 +174,10 @@ def _download(config: AgentConfig, name: str, version: int, show_progress: bool)
                        profile_chooser(profile.profile, facts), base_dir=config_dir(config))
     try:
         index = source.refresh_blocking()
+        if version is None:
+            version = index.latest(name)
+            if version is None:
+                raise HubError(f"the hub has no release of {name!r}")
         if version not in index.versions.get(name, ()) and \
                 version not in source.installed_versions(name):
             have = ", ".join(map(str, index.versions.get(name, ()))) or "none"
@@ -214,9 +230,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         models = doc["models"]
     else:
         state = History(config.state_path(os.environ)).read()
-        models = [{"name": m.name, "serving": None, "agent": "stopped",
+        models = [{"name": m.name, "serving": None, "stored": _stored(config, m),
                    **state.model(m.name).to_dict(),
-                   "source": "agent stopped: last active " + str(state.model(m.name).active)}
+                   "source": f"agent stopped; last active {state.model(m.name).active}"}
                   for m in config.models]
         doc = {"models": models, "agent": "stopped"}
     if args.json:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Picks the variant for this box: variants -> (chosen, why). Raises HubError if none fits.
 Chooser = Callable[[Sequence[Variant]], tuple[Variant, str]]
+#: Partial downloads older than this are removed when the store is collected.
+PARTIAL_KEEP_S = 24 * 3600
 #: Called at each named step (tests stop a process there).
 StepHook = Callable[[str], None]
 
@@ -271,10 +273,18 @@ class HubSource:
     # ---- housekeeping -------------------------------------------------------------------
 
     async def collect(self, keep: Mapping[str, set[int]]) -> None:
-        """Remove from the store every version not in ``keep`` (the owner's history)."""
-        freed = await self._run(self.store.gc, keep)
+        """Remove from the store every version not in ``keep`` (the owner's history), and
+        partial downloads nobody resumed for a day (recent ones are kept to resume)."""
+        freed = await self._run(self._collect, keep)
         if freed:
             log.info("hub store: freed %d bytes", freed)
+
+    def _collect(self, keep: Mapping[str, set[int]]) -> int:
+        recent = time.time() - PARTIAL_KEEP_S
+        downloads = self.store.downloads
+        partials = [p.name.removesuffix(".part") for p in downloads.glob("*.part")
+                    if p.stat().st_mtime > recent] if downloads.is_dir() else []
+        return self.store.gc(keep, partials)
 
     async def start(self) -> None:
         """Sweep what an interrupted run left in the store (before anything loads from it)."""

@@ -338,6 +338,7 @@ class VersionOwner:
         if offline and target not in self._available.get(name, frozenset()):
             return outcome
         outcome = await self._activate(name, target, decision)
+        self._decisions[name] = self.decision(name)
         self._notify()
         return outcome
 
@@ -470,6 +471,7 @@ class VersionOwner:
             else:
                 outcome = await self._activate(name, version, decision)
             if outcome.serving != version:
+                self._decisions[name] = self.decision(name)
                 self._notify()
                 raise EdgeAgentError(f"model {name} version {version} not activated, nothing "
                                      f"pinned: {outcome.error}")

@@ -22,8 +22,8 @@ def test_without_a_token_repository_changes_are_forbidden(tmp_path: Path) -> Non
             for action in ("load", "unload"):
                 r = c.post(f"/v2/repository/models/mlp/{action}")
                 assert r.status_code == 403
-                assert r.json() == {"error": "configure http.token_file to use the model "
-                                             "repository API"}
+                assert "admin channel" in r.json()["error"]
+                assert "http.token_file" in r.json()["error"]
             # Even a token the agent does not have cannot open them.
             r = c.post("/v2/repository/models/mlp/unload", headers={"Authorization": "Bearer x"})
             assert r.status_code == 403

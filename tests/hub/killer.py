@@ -13,12 +13,8 @@ import os
 import signal
 from pathlib import Path
 
-from edgeagent.config import HubSection, ModelSection
 from edgeagent.errors import EdgeAgentError
-from edgeagent.hub.sync import HubSync
-from edgeagent.runtime.manager import ModelManager
-from edgeagent.runtime.registry import BackendRegistry
-from tests.hub.helpers import cpu_planner, first_variant
+from tests.hub.helpers import Rig
 
 
 def main() -> None:
@@ -34,20 +30,15 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     async def run() -> None:
-        manager = ModelManager(BackendRegistry(), cpu_planner)
-        section = HubSection(url=args.url, root=args.root, keep_versions=1)
-        sync = HubSync(section, (ModelSection(name="m", version="latest"),), args.state_dir,
-                       manager, first_variant, on_step=step)
-        await sync.store_ready()
-        try:  # start-up: what the store has serves at once
-            await manager.load("m", await sync.resolve(sync.sections["m"]))
-            print(f"started {manager.get('m').version}", flush=True)
+        rig = Rig(args.state_dir, args.url, Path(args.root), on_step=step, keep_versions=1)
+        await rig.start()  # start-up: what the store has serves at once
+        try:
+            print(f"started {rig.served()}", flush=True)
         except EdgeAgentError:
             print("started empty", flush=True)
-        await sync.sync_once()
-        print(f"serving {manager.get('m').version}", flush=True)
-        await sync.stop()
-        await manager.close(1)
+        await rig.sync_once()
+        print(f"serving {rig.served()}", flush=True)
+        await rig.close()
 
     asyncio.run(run())
 

@@ -36,8 +36,9 @@ def test_embedded_defaults_serve_the_demo_from_a_local_hub(tmp_path: Path) -> No
         np.testing.assert_allclose(out["data"], demo_outputs(X).ravel(), atol=1e-5)
         status = httpx.get(f"{agent.url}/v1/agent/status", timeout=30).json()
         assert status["hub"]["url"].startswith("file://")
-        assert status["hub"]["models"]["demo"]["active"] == 1
+        assert status["hub"]["releases"] == {"demo": [1]}
         (model,) = status["models"]
+        assert (model["active"], model["source"]) == (1, "config: latest")
         assert model["variant"].startswith("demo.onnx")
     finally:
         agent.stop()

@@ -3,6 +3,7 @@ infers, and ``edgeagent pull``/``rollback`` against the running agent."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -16,6 +17,7 @@ from edgeconvert.hub import Hub
 
 from edgeagent.cli import main as edgeagent_main
 from edgeagent.config import load_config
+from edgeagent.versions.history import History
 from tests.agentthread import AgentThread, free_port
 from tests.hub.helpers import SAMPLE, release
 from tests.hub.hubserver import HubServer
@@ -34,13 +36,15 @@ def _wait(what: str, cond: Callable[[], bool]) -> None:
         time.sleep(0.05)
 
 
-def _config(tmp_path: Path, url: str, hub: Hub, poll_interval_s: float = 0.2) -> Path:
+def _config(tmp_path: Path, url: str, hub: Hub, poll_interval_s: float = 0.2,
+            token: bool = True) -> Path:
     (tmp_path / "token").write_text(TOKEN + "\n")
     path = tmp_path / "agent.toml"
+    token_line = f'token_file = "{tmp_path / "token"}"\n' if token else ""
     path.write_text(
         f'[agent]\nstate_dir = "{tmp_path / "state"}"\ndevice_id = "hub-test"\n'
         'shutdown_grace_s = 5.0\n'
-        f'[http]\nlisten = "127.0.0.1:{free_port()}"\ntoken_file = "{tmp_path / "token"}"\n'
+        f'[http]\nlisten = "127.0.0.1:{free_port()}"\n{token_line}'
         f'[hub]\nurl = "{url}"\nroot = "{hub.meta_dir / "1.root.json"}"\n'
         f'poll_interval_s = {poll_interval_s}\nkeep_versions = 3\n'
         '[[models]]\nname = "m"\nversion = "latest"\n')
@@ -104,35 +108,35 @@ def test_agent_switches_under_load_then_pull_and_rollback(
         assert set(client.versions[first_two:]) == {"2"}, "never back to 1 once switched"
 
         config = str(config_path)
-        # pull NAME@1 goes through the repository load endpoint (with the token) and pins 1.
+        # pull NAME@1 goes to the running agent over the admin channel and pins 1.
         assert edgeagent_main(["pull", "m@1", "--config", config]) == 0
-        assert "the running agent loaded, checked and switched" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "pinned to version 1; the running agent serves version 1 (operator pin)" in out
         assert _version(agent) == "1"
-        sync = agent.agent.hub
-        assert sync is not None
-        polls = sync.status.last_sync or 0.0
-        _wait("two more polls", lambda: (sync.status.last_sync or 0.0) > polls + 0.3)
+        source = agent.agent.owner.hub
+        assert source is not None
+        polls = source.status.last_sync or 0.0
+        _wait("two more polls", lambda: (source.status.last_sync or 0.0) > polls + 0.3)
         assert _version(agent) == "1", "the poll loop keeps the pulled version"
-        state = sync.store.model_state("m")
-        assert (state.active, state.desired, state.requested) == (1, 1, None)
+        state = History(tmp_path / "state").read().model("m")
+        assert (state.active, state.operator_pin) == (1, 1)
 
         # pull NAME: the latest again, and the pin is gone.
         assert edgeagent_main(["pull", "m", "--config", config]) == 0
         assert _version(agent) == "2"
         # rollback: back to the previous version (1), pinned.
         assert edgeagent_main(["rollback", "m", "--config", config]) == 0
-        out = capsys.readouterr().out
-        assert "rolling back to version 1" in out
-        assert "switched" in out
+        assert "rolled back and pinned to version 1" in capsys.readouterr().out
         assert _version(agent) == "1"
-        polls = sync.status.last_sync or 0.0
-        _wait("two more polls", lambda: (sync.status.last_sync or 0.0) > polls + 0.3)
+        polls = source.status.last_sync or 0.0
+        _wait("two more polls", lambda: (source.status.last_sync or 0.0) > polls + 0.3)
         assert _version(agent) == "1"
-        assert sync.store.model_state("m").desired == 1
+        assert History(tmp_path / "state").read().model("m").operator_pin == 1
 
-        # The load endpoint needs the token.
-        r = httpx.post(f"{agent.url}/v2/repository/models/m/load", timeout=30)
-        assert r.status_code in (401, 403)
+        # Remote callers need the token for what changes versions.
+        for path in ("/v2/repository/models/m/load", "/v1/agent/models/m/rollback"):
+            r = httpx.post(f"{agent.url}{path}", timeout=30)
+            assert r.status_code in (401, 403)
     finally:
         agent.stop()
 
@@ -140,11 +144,12 @@ def test_agent_switches_under_load_then_pull_and_rollback(
 def test_pull_then_rollback_without_a_poll_in_between(
         tmp_path: Path, hub: Hub, server: HubServer,
         capsys: pytest.CaptureFixture[str]) -> None:
-    # No poll pass runs between the operator's commands (an hour apart): what each load did
-    # must be in the hub's state when the command returns, or the next one acts on stale state.
+    # A default install: no http.token_file. The operator's commands work over the admin
+    # channel, and no poll pass runs between them (an hour apart): what each did must be
+    # recorded when the command returns, or the next one acts on stale state.
     release(hub, tmp_path, 1)
     release(hub, tmp_path, 2)
-    config = str(_config(tmp_path, server.url, hub, poll_interval_s=3600))
+    config = str(_config(tmp_path, server.url, hub, poll_interval_s=3600, token=False))
     agent = AgentThread(load_config(config, {})).start()
     try:
         _wait("v2 served", lambda: httpx.get(f"{agent.url}/v2/models/m/ready",
@@ -156,10 +161,10 @@ def test_pull_then_rollback_without_a_poll_in_between(
         assert _version(agent) == "2"
         capsys.readouterr()
         assert edgeagent_main(["rollback", "m", "--config", config]) == 0
-        assert "rolling back to version 1" in capsys.readouterr().out
+        assert "rolled back and pinned to version 1" in capsys.readouterr().out
         assert _version(agent) == "1"
-        state = agent.agent.hub.store.model_state("m")  # type: ignore[union-attr]
-        assert (state.active, state.desired, state.requested) == (1, 1, None)
+        state = History(tmp_path / "state").read().model("m")
+        assert (state.active, state.operator_pin) == (1, 1)
         assert state.previous[0] == 2
 
         # What the operator reads.
@@ -167,9 +172,13 @@ def test_pull_then_rollback_without_a_poll_in_between(
         assert edgeagent_main(["status", "--config", config]) == 0
         out = capsys.readouterr().out
         assert f"hub       ok  {server.url}" in out
-        assert "          m: active 1, previous 2, pinned to 1" in out
         assert "mqtt      not configured" in out
-        assert "(token required)" in out
-        assert re.search(r"  m +ready +v1 onnx/fp32 on CPUExecutionProvider", out), out
+        assert "(token required)" not in out
+        assert re.search(r"  m +ready +v1 onnx/fp32 on CPUExecutionProvider +\[operator pin\]",
+                         out), out
+        assert edgeagent_main(["models", "--json", "--config", config]) == 0
+        (model,) = json.loads(capsys.readouterr().out)["models"]
+        assert (model["serving"], model["source_kind"], model["previous"][0]) == \
+            (1, "operator", 2)
     finally:
         agent.stop()

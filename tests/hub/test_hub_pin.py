@@ -1,4 +1,4 @@
-"""Pinned desired versions, concurrent activations, the free-space check, relative hub.root."""
+"""Fleet pins, concurrent activations, the free-space check, relative hub.root."""
 
 from __future__ import annotations
 
@@ -11,50 +11,52 @@ from edgeconvert.hub import Hub
 
 from edgeagent.cli import main as edgeagent_main
 from edgeagent.config import HubSection
-from edgeagent.errors import EdgeAgentError
-from edgeagent.hub.sync import HubSync, trusted_root_path
-from tests.hub.helpers import make_sync, release
+from edgeagent.errors import EdgeAgentError, ModelNotFound
+from edgeagent.hub.source import HubSource, trusted_root_path
+from tests.hub.helpers import Rig, first_variant, make_sync, release
 from tests.hub.hubserver import HubServer
 
 
-async def _close(sync: HubSync) -> None:
-    await sync.stop()
-    assert sync.manager is not None
-    await sync.manager.close(1)
+async def _close(sync: Rig) -> None:
+    await sync.close()
 
 
-def _served(sync: HubSync) -> int:
-    assert sync.manager is not None
-    return sync.manager.get("m").version
+def _served(sync: Rig) -> int:
+    return sync.served()
 
 
-def test_set_desired_pins_the_poll_loop_and_start_up(tmp_path: Path, hub: Hub,
-                                                    server: HubServer) -> None:
+def _doc(revision: int, version: int | None) -> bytes:
+    if version is None:
+        return b""
+    return b'{"revision": %d, "models": {"m": {"version": %d}}}' % (revision, version)
+
+
+def test_device_document_pins_the_poll_loop_and_start_up(tmp_path: Path, hub: Hub,
+                                                        server: HubServer) -> None:
     async def go() -> None:
         sync = make_sync(tmp_path / "state", server.url, hub, keep_versions=3)
         release(hub, tmp_path, 1)
         release(hub, tmp_path, 2)
         await sync.sync_once()
         assert _served(sync) == 2
-        sync.set_desired("m", 1)  # what the fleet's desired state does
-        await sync.sync_once()
+        outcome = await sync.owner.receive_desired("device", _doc(4, 1))
+        assert outcome.state == "applied"
         assert _served(sync) == 1
         release(hub, tmp_path, 3)
         await sync.sync_once()
-        assert _served(sync) == 1, "a pinned model does not follow 'latest'"
+        assert _served(sync) == 1, "a model under fleet control does not follow 'latest'"
+        assert sync.owner.describe("m")["source"] == "device pin, revision 4"
         await _close(sync)
-        # Persisted: a restarted agent keeps the pin.
+        # Persisted: a restarted agent keeps the fleet's document until it hears otherwise.
         again = make_sync(tmp_path / "state", server.url, hub, keep_versions=3)
-        assert again.store.model_state("m").desired == 1
         await again.start()
-        assert again.manager is not None
-        await again.manager.load("m", await again.resolve(again.sections["m"]))
         await again.sync_once()
         assert _served(again) == 1
-        again.set_desired("m", None)  # back to the configuration ("latest")
+        # An empty retained document clears the pin: back to the configuration ("latest").
+        await again.owner.receive_desired("device", _doc(5, None))
         await again.sync_once()
         assert _served(again) == 3
-        assert again.store.model_state("m").desired is None
+        assert again.owner.describe("m")["source"] == "config: latest"
         await _close(again)
 
     asyncio.run(go())
@@ -67,19 +69,17 @@ def test_concurrent_activations_of_one_model_end_consistent(tmp_path: Path, hub:
         release(hub, tmp_path, 1)
         release(hub, tmp_path, 2)
         release(hub, tmp_path, 3, wrong_checks=True)
-        assert sync.manager is not None
+        await sync.start()
         results = await asyncio.gather(
-            sync.activate("m", 1, explicit=True), sync.activate("m", 3, explicit=True),
-            sync.activate("m", 2, explicit=True), sync.sync_once(),
-            sync.activate("m", 2, explicit=True), return_exceptions=True)
+            sync.owner.pin("m", 1), sync.owner.pin("m", 3), sync.owner.pin("m", 2),
+            sync.sync_once(), sync.owner.pin("m", 2), return_exceptions=True)
         assert [type(r).__name__ for r in results if isinstance(r, BaseException)] == \
-            ["ModelError"]
-        state = sync.store.model_state("m")
-        assert state.active == _served(sync) == 2
+            ["EdgeAgentError"]
+        state = sync.history()
+        assert state.active == _served(sync) == 2 == state.operator_pin
         assert set(state.failed) == {3}
         assert "check 0" in state.failed[3]
         assert state.active not in state.previous
-        assert state.requested is None
         await _close(sync)
 
     asyncio.run(go())
@@ -87,24 +87,18 @@ def test_concurrent_activations_of_one_model_end_consistent(tmp_path: Path, hub:
 
 def test_load_endpoint_and_poll_at_once_end_consistent(tmp_path: Path, hub: Hub,
                                                       server: HubServer) -> None:
-    """The repository load endpoint (resolve + manager.load) racing the poll loop."""
+    """The repository load endpoint racing the poll loop and an operator's pin."""
     async def go() -> None:
         sync = make_sync(tmp_path / "state", server.url, hub, keep_versions=3)
-        manager = sync.manager
-        assert manager is not None
         release(hub, tmp_path, 1)
         release(hub, tmp_path, 2)
         await sync.sync_once()
-        await sync.activate("m", 1, explicit=True)
-        sync.request("m", 2, pin=True)
-
-        async def endpoint() -> None:
-            await manager.load("m", await sync.resolve(sync.sections["m"]))
-
-        await asyncio.gather(endpoint(), sync.sync_once(), sync.sync_once())
-        await sync.sync_once()  # records what the endpoint loaded
-        state = sync.store.model_state("m")
-        assert (state.active, _served(sync), state.requested, state.failed) == (2, 2, None, {})
+        await sync.owner.pin("m", 1)
+        await asyncio.gather(sync.owner.load("m"), sync.sync_once(), sync.owner.unpin("m"),
+                             sync.sync_once())
+        state = sync.history()
+        assert (state.active, _served(sync), state.operator_pin, state.failed) == \
+            (2, 2, None, {})
         assert state.previous == [1]
         await _close(sync)
 
@@ -129,7 +123,7 @@ def test_download_larger_than_free_space_fails_cleanly(tmp_path: Path, hub: Hub,
         free[0] = 64 * 1024 * 1024 + 1000  # the margin plus less than the download
         await sync.sync_once()
         assert _served(sync) == 1
-        assert "not enough disk" in sync.store.model_state("m").failed[2]
+        assert "not enough disk" in sync.history().failed[2]
         assert sync.store.installed_versions("m") == [1]
         assert not list((sync.store.root / "downloads").iterdir())
         await _close(sync)
@@ -139,10 +133,10 @@ def test_download_larger_than_free_space_fails_cleanly(tmp_path: Path, hub: Hub,
 
 def test_free_space_reader_is_injected(tmp_path: Path, hub: Hub) -> None:
     section = HubSection(url="http://127.0.0.1:9", root=str(hub.meta_dir / "1.root.json"))
-    sync = HubSync(section, (), tmp_path / "state", None, lambda v: (v[0], ""),
-                   disk_usage=lambda path: _Usage(0, 0, 123))
-    assert sync.store.free_bytes() == 123
-    sync.close()
+    source = HubSource(section, tmp_path / "state", first_variant,
+                       disk_usage=lambda path: _Usage(0, 0, 123))
+    assert source.store.free_bytes() == 123
+    source.close()
 
 
 def test_relative_hub_root_is_relative_to_the_config_file(
@@ -165,13 +159,36 @@ def test_relative_hub_root_is_relative_to_the_config_file(
     assert "m version 1 verified and stored" in capsys.readouterr().out
 
 
-def test_activation_failure_is_an_edgeagent_error(tmp_path: Path, hub: Hub,
-                                                 server: HubServer) -> None:
+def test_a_version_the_hub_lacks_is_refused_and_nothing_recorded(
+        tmp_path: Path, hub: Hub, server: HubServer) -> None:
     async def go() -> None:
         sync = make_sync(tmp_path / "state", server.url, hub)
-        with pytest.raises(EdgeAgentError, match=r"no release|not"):
-            await sync.activate("m", 7, explicit=True)
-        assert 7 in sync.store.model_state("m").failed
+        release(hub, tmp_path, 1)
+        await sync.sync_once()
+        with pytest.raises(ModelNotFound, match="no version 7"):
+            await sync.owner.pin("m", 7)
+        assert sync.history().failed == {}
+        assert sync.history().operator_pin is None
+        assert _served(sync) == 1
+        await _close(sync)
+
+    asyncio.run(go())
+
+
+def test_a_failed_pin_pins_nothing(tmp_path: Path, hub: Hub, server: HubServer) -> None:
+    async def go() -> None:
+        sync = make_sync(tmp_path / "state", server.url, hub)
+        release(hub, tmp_path, 1)
+        await sync.sync_once()
+        release(hub, tmp_path, 2, wrong_checks=True)
+        await sync.sync_once()
+        assert _served(sync) == 1
+        assert "check 0" in sync.owner.describe("m")["blocked"]
+        with pytest.raises(EdgeAgentError, match="nothing pinned"):
+            await sync.owner.pin("m", 2)
+        assert sync.history().operator_pin is None
+        assert "check 0" in sync.history().failed[2]
+        assert _served(sync) == 1
         await _close(sync)
 
     asyncio.run(go())

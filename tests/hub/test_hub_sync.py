@@ -7,24 +7,18 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from edgeconvert.hub import Hub
 
-from edgeagent.errors import HubError
-from edgeagent.hub.sync import HubSync
-from tests.hub.helpers import SAMPLE, make_sync, release
+from tests.hub.helpers import SAMPLE, Rig, make_sync, release
 from tests.hub.hubserver import HubServer
 
 
-async def _close(sync: HubSync) -> None:
-    await sync.stop()
-    assert sync.manager is not None
-    await sync.manager.close(1)
+async def _close(sync: Rig) -> None:
+    await sync.close()
 
 
-def _served(sync: HubSync) -> int:
-    assert sync.manager is not None
-    return sync.manager.get("m").version
+def _served(sync: Rig) -> int:
+    return sync.served()
 
 
 def test_publish_v1_then_v2_switches_without_failed_requests(
@@ -59,7 +53,7 @@ def test_publish_v1_then_v2_switches_without_failed_requests(
         assert failures == []
         assert seen == {1, 2}
         assert _served(sync) == 2
-        state = sync.store.model_state("m")
+        state = sync.history()
         assert (state.active, state.previous) == (2, [1])
         await _close(sync)
 
@@ -77,7 +71,7 @@ def test_tampered_file_refused_and_old_version_keeps_serving(
             f.write_bytes(f.read_bytes()[:-4] + b"XXXX")  # altered after signing
         await sync.sync_once()
         assert _served(sync) == 1
-        assert "hash" in sync.store.model_state("m").failed[2]
+        assert "hash" in sync.history().failed[2]
         assert not list((sync.store.root / "downloads").iterdir())
         await _close(sync)
 
@@ -92,11 +86,11 @@ def test_failing_checks_keep_the_old_version(tmp_path: Path, hub: Hub, server: H
         release(hub, tmp_path, 2, wrong_checks=True)
         await sync.sync_once()
         assert _served(sync) == 1
-        assert "check 0" in sync.store.model_state("m").failed[2]
-        assert sync.status.models["m"]["error"]
+        assert "check 0" in sync.history().failed[2]
+        assert sync.owner.describe("m")["failed"]["2"]
         # Not retried on the next poll: a bad release is tried once.
         await sync.sync_once()
-        assert sync.store.model_state("m").active == 1
+        assert sync.history().active == 1
         await _close(sync)
 
     asyncio.run(go())
@@ -126,8 +120,8 @@ def test_replayed_old_metadata_is_refused(tmp_path: Path, hub: Hub, server: HubS
         assert _served(sync) == 2
         (hub.meta_dir / "timestamp.json").write_bytes(old)  # a replay of the v1 hub
         await sync.sync_once()
-        assert sync.status.state == "refused"
-        assert "older" in sync.status.last_error
+        assert sync.hub.status.state == "refused"
+        assert "older" in sync.hub.status.last_error
         assert _served(sync) == 2
         await _close(sync)
 
@@ -143,7 +137,7 @@ def test_expired_timestamp_keeps_serving_and_installs_nothing(
         release(hub, tmp_path, 2)
         Hub(hub.dir, hub.keys_dir, {"timestamp": timedelta(seconds=-60)}).refresh()
         await sync.sync_once()
-        assert sync.status.state == "expired"
+        assert sync.hub.status.state == "expired"
         assert _served(sync) == 1
         assert sync.store.installed_versions("m") == [1]
         hub.refresh()  # re-signed: the box moves on
@@ -164,8 +158,8 @@ def test_file_from_another_release_is_refused(tmp_path: Path, hub: Hub,
         (v2,) = (hub.dir / "targets/models/m/2").glob("*.m.onnx")
         shutil.copyfile(v1, v2)  # v2's bundle served with v1's model
         await sync.sync_once()
-        assert sync.store.model_state("m").active is None
-        assert 2 in sync.store.model_state("m").failed
+        assert sync.history().active is None
+        assert 2 in sync.history().failed
         await _close(sync)
 
     asyncio.run(go())
@@ -180,31 +174,33 @@ def test_disk_budget_too_small_fails_cleanly(tmp_path: Path, hub: Hub,
         release(hub, tmp_path, 2, checks=False, hidden=70000)  # ~6 MB, over the 1 MB budget
         await sync.sync_once()
         assert _served(sync) == 1
-        assert "disk_budget_mb" in sync.store.model_state("m").failed[2]
+        assert "disk_budget_mb" in sync.history().failed[2]
         assert not list((sync.store.root / "downloads").iterdir())
         await _close(sync)
 
     asyncio.run(go())
 
 
-def test_older_hub_version_refused_unless_rollback(tmp_path: Path, hub: Hub,
-                                                  server: HubServer) -> None:
+def test_rollback_pins_the_previous_version_against_latest(tmp_path: Path, hub: Hub,
+                                                          server: HubServer) -> None:
     async def go() -> None:
         sync = make_sync(tmp_path / "state", server.url, hub)
         release(hub, tmp_path, 1)
         await sync.sync_once()
         release(hub, tmp_path, 2)
         await sync.sync_once()
-        with pytest.raises(HubError, match="older than the active"):
-            await sync.activate("m", 1)
-        sync.request("m", sync.rollback_target("m"), pin=True)
-        await sync.sync_once()
+        assert sync.owner.rollback_target("m") == 1
+        await sync.owner.rollback("m")
         assert _served(sync) == 1
-        assert sync.store.model_state("m").previous == [2]
+        assert sync.history().previous == [2]
         # The rollback pins version 1: the next poll does not go forward to the latest again.
         await sync.sync_once()
         assert _served(sync) == 1
-        assert sync.store.model_state("m").desired == 1
+        assert sync.history().operator_pin == 1
+        assert sync.owner.describe("m")["source"] == "operator pin"
+        # Clearing the pin follows the configuration (latest) again.
+        await sync.owner.unpin("m")
+        assert _served(sync) == 2
         await _close(sync)
 
     asyncio.run(go())
@@ -219,14 +215,12 @@ def test_start_serves_the_stored_version_without_the_hub(tmp_path: Path, hub: Hu
         await _close(sync)
         # A new agent, the hub gone: the stored version serves at once.
         offline = make_sync(tmp_path / "state", "http://127.0.0.1:9", hub)
-        assert offline.manager is not None
         await offline.start()
-        source = await offline.resolve(offline.sections["m"])
-        await offline.manager.load("m", source)
         assert _served(offline) == 1
         await offline.sync_once()
-        assert offline.status.state == "unreachable"
+        assert offline.hub.status.state == "unreachable"
         assert _served(offline) == 1
+        assert offline.history().failed == {}, "an unreachable hub fails no release"
         await _close(offline)
 
     asyncio.run(go())
