@@ -296,7 +296,8 @@ class VersionOwner:
                 self._local_current[name] = version
                 if hist.local.get(version) != sha:
                     await self._write(lambda s: s.model(name).local.__setitem__(version, sha))
-            self._available[name] = frozenset(self._hist(name).local)
+            kept = await self._run(self.local.versions, name)
+            self._available[name] = frozenset(kept) & frozenset(self._hist(name).local)
         elif self.hub is not None:
             self._available[name] = frozenset(
                 await self._run(self.hub.installed_versions, name))
@@ -326,8 +327,15 @@ class VersionOwner:
         self._decisions[name] = decision
         serving = self._serving(name)
         target = decision.target
+        last_good = self._hist(name).active
+        if decision.blocked and serving is None and last_good is not None \
+                and last_good not in self._hist(name).failed:
+            # The target failed here before: the last good version serves (after a restart,
+            # nothing serves yet).
+            target = last_good
         outcome = Outcome(decision, serving)
-        if target is None or decision.blocked or target == serving:
+        if target is None or (decision.blocked and target == decision.target) \
+                or target == serving:
             if target is not None and target == serving and self._hist(name).active != target:
                 await self._record_active(name, target)
             if target is None or target == serving:
@@ -338,6 +346,8 @@ class VersionOwner:
         if offline and target not in self._available.get(name, frozenset()):
             return outcome
         outcome = await self._activate(name, target, decision)
+        if decision.blocked:
+            outcome.error = decision.blocked
         self._decisions[name] = self.decision(name)
         self._notify()
         return outcome
@@ -444,8 +454,9 @@ class VersionOwner:
     async def _check_version(self, name: str, version: int) -> None:
         section = self.known(name)
         if section.path:
-            if version not in self._hist(name).local:
-                kept = ", ".join(map(str, sorted(self._hist(name).local))) or "none"
+            await self._observe(name)
+            if version not in self._available.get(name, frozenset()):
+                kept = ", ".join(map(str, sorted(self._available.get(name, ())))) or "none"
                 raise ModelNotFound(f"model {name!r} has no local version {version} "
                                     f"(kept: {kept})")
         elif self.hub is None:
