@@ -30,7 +30,8 @@ from edgeagent.hub.bundle import Bundle, Variant, bundle_path, read_checks
 from edgeagent.hub.client import HubClient, HubIndex, HubUnreachable, MetadataExpired
 from edgeagent.hub.fetcher import HubFetcher, Progress
 from edgeagent.hub.store import DiskUsageReader, Installed, ModelState, ModelStore
-from edgeagent.runtime.manager import ModelCheck, ModelManager, ModelSource
+from edgeagent.runtime.checks import ModelCheck
+from edgeagent.runtime.manager import ModelManager, ModelSource
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from edgeagent.control.deploy import CatalogDeployer
 from edgeagent.control.link import FleetLink
 from edgeagent.device.plan import PlannedProvider, ProviderPlan
 from edgeagent.errors import ModelNotFound
-from edgeagent.runtime.manager import ModelCheck, ModelManager, ModelSource
+from edgeagent.runtime.checks import ModelCheck
+from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.scheduler import InferenceScheduler
 from edgeagent.telemetry.reporter import ModelFigures
