@@ -340,3 +340,89 @@ def test_an_agent_applies_the_tolerance_of_the_variant_it_picked(
         assert "max_abs_error" in state()["last_error"]
     finally:
         agent.stop()
+
+
+# ---- publish refuses checks a variant cannot take ---------------------------------------
+
+
+def _archive(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
+    return path
+
+
+def _refused(hub: Hub, files: list[Path], checks: Path,
+             capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    code = edgeconvert(["publish", "--hub", str(hub.dir), "--keys", str(hub.keys_dir),
+                        "--name", "m", "--version", "1", "--checks", str(checks),
+                        *map(str, files)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert hub.releases() == {}, "nothing published"
+    return err
+
+
+def test_publish_refuses_a_check_input_no_tensor_matches(
+        tmp_path: Path, hub: Hub, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.onnx_models import multi_io
+
+    model = multi_io(tmp_path / "multi.onnx")
+    x, k = np.ones((2, 1, 3), np.float32), np.ones((2, 1, 3), np.int64)
+    checks = _archive(tmp_path / "c.npz", **{"inputs/x": x, "inputs/q": k, "outputs/sum": x,
+                                             "outputs/k2": k})
+    err = _refused(hub, [model], checks, capsys)
+    assert ("multi.onnx: the checks' input 'q' matches no input of this variant "
+            "(it takes x, k)") in err
+    checks = _archive(tmp_path / "c.npz", **{"inputs/x": x, "inputs/k": k, "outputs/sum": x,
+                                             "outputs/nope": k, "outputs/third": k})
+    err = _refused(hub, [model], checks, capsys)
+    assert ("multi.onnx: the checks' output 'nope' matches no output of this variant "
+            "(it gives sum, k2)") in err
+    checks = _archive(tmp_path / "c.npz", **{"inputs/x": k, "inputs/k": k, "outputs/sum": x,
+                                             "outputs/k2": k})
+    err = _refused(hub, [model], checks, capsys)
+    assert "multi.onnx: the checks' input 'x' is int64, the variant's 'x' takes float32" in err
+
+
+def test_publish_refuses_checks_whose_shapes_do_not_fit_a_variant(
+        tmp_path: Path, hub: Hub, capsys: pytest.CaptureFixture[str]) -> None:
+    fp32 = FIXTURES / "mlp_fp32.tflite"
+    checks = write_checks(tmp_path, fp32, [], tflite_samples(tmp_path / "s.npz"))
+    # The TFLite MLP takes [1, 16]; this ONNX one [batch, 8]: the checks cannot apply to it.
+    narrow = mlp(tmp_path / "narrow.onnx", n_in=8, n_hidden=8, n_out=4)
+    err = _refused(hub, [fp32, narrow], checks, capsys)
+    assert ("narrow.onnx: the checks' input 'features' has shape [1, 16], the variant's "
+            "'input' takes [?, 8]") in err
+    fewer = mlp(tmp_path / "fewer.onnx", n_in=16, n_hidden=8, n_out=3)
+    err = _refused(hub, [fp32, fewer], checks, capsys)
+    assert ("fewer.onnx: the checks' output 'StatefulPartitionedCall_1' has shape [1, 4], "
+            "the variant's 'logits' gives [1, 3]") in err
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ("not json", "not a readable checks JSON file"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"tolerances": "tight"}', "tolerances: expected an object of max_abs_error, min_cosine"),
+    ('{"tolerances": {"max_abs_error": "0.1"}}', "tolerances.max_abs_error: expected a number"),
+    ('{"tolerances": {"max_abs_error": -1}}', "checks.tolerances.max_abs_error: -1.0 must be"),
+    ('{"variant_tolerances": ["m.onnx"]}', "variant_tolerances: expected an object"),
+    ('{"variant_tolerances": {"m.onnx": {"min_top1": 3}}}',
+     "checks.variant_tolerances['m.onnx'].min_top1: 3.0 must be a number between 0 and 1"),
+])
+def test_publish_refuses_a_bad_checks_json(
+        tmp_path: Path, hub: Hub, capsys: pytest.CaptureFixture[str],
+        meta: str, message: str) -> None:
+    model = mlp(tmp_path / "m.onnx", n_in=8, n_hidden=8, n_out=4)
+    checks = write_checks(tmp_path, model, [], onnx_samples(tmp_path / "s.npz", 8))
+    checks.with_suffix(".json").write_text(meta)
+    assert message in _refused(hub, [model], checks, capsys)
+
+
+def test_publish_refuses_a_checks_archive_with_other_arrays(
+        tmp_path: Path, hub: Hub, capsys: pytest.CaptureFixture[str]) -> None:
+    model = mlp(tmp_path / "m.onnx", n_in=8, n_hidden=8, n_out=4)
+    x = np.ones((2, 1, 8), np.float32)
+    checks = _archive(tmp_path / "c.npz", **{"inputs/input": x, "outputs/logits": x[..., :4],
+                                             "stray": x})
+    assert "checks hold only inputs/NAME and outputs/NAME arrays" in _refused(
+        hub, [model], checks, capsys)
