@@ -5,7 +5,8 @@ given as ``FILE:int8``; what it needs goes after it, ``FILE:int8:delegates=edget
 ``--checks FILE.npz`` adds the checks a box runs before it activates the release: either sample
 inputs (the expected outputs are computed here with the first fp32 variant), or the checks
 ``edgeconvert validate --write-checks`` wrote (``inputs/NAME`` and ``outputs/NAME`` arrays,
-with the tolerances in the ``.json`` next to it).
+with the tolerances, default and per variant, in the ``.json`` next to it). Every variant is
+opened, and checks that a box could not apply to one of them are refused.
 """
 
 from __future__ import annotations
@@ -259,8 +260,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--version", type=int, required=True, metavar="N")
     p.add_argument("--checks", type=Path, metavar="FILE.npz",
                    help="sample inputs (or validate --write-checks output) for on-box checks")
-    p.add_argument("--atol", type=float, default=1e-2, help="check tolerance (absolute)")
-    p.add_argument("--rtol", type=float, default=1e-2, help="check tolerance (relative)")
+    p.add_argument("--atol", type=float, default=1e-2,
+                   help="check tolerance (absolute) where the checks bring none of their own")
+    p.add_argument("--rtol", type=float, default=1e-2,
+                   help="check tolerance (relative) where the checks bring none of their own")
     p.add_argument("files", nargs="+", metavar="FILE[:PRECISION][:KEY=A,B]")
     p.set_defaults(handler=_run)
 
