@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,15 @@ from tests.onnx_models import mlp
 pytest.importorskip("ai_edge_litert")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tflite"
+
+
+def _wait(what: str, cond: Callable[[], bool]) -> None:
+    """Wait for the agent's background work (a generous bound that only keeps a broken build
+    from hanging, not a timing assertion)."""
+    deadline = time.monotonic() + 120
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
 
 
 def planner(fmt: str, precision: str, sha: str) -> ProviderPlan:
@@ -274,7 +285,6 @@ def test_an_agent_serves_a_tflite_release_published_with_checks(
 
     from edgeagent.config import load_config
     from tests.agentthread import AgentThread, free_port
-    from tests.hub.test_hub_agent import _wait
 
     fp32, int8 = FIXTURES / "mlp_fp32.tflite", FIXTURES / "mlp_int8.tflite"
     checks = write_checks(tmp_path, fp32, [int8], tflite_samples(tmp_path / "s.npz"))
@@ -311,7 +321,6 @@ def test_an_agent_applies_the_tolerance_of_the_variant_it_picked(
 
     from edgeagent.config import load_config
     from tests.agentthread import AgentThread, free_port
-    from tests.hub.test_hub_agent import _wait
 
     fp32, int8 = FIXTURES / "mlp_fp32.tflite", FIXTURES / "mlp_int8.tflite"
     checks = write_checks(tmp_path, fp32, [int8], tflite_samples(tmp_path / "s.npz"))
