@@ -14,7 +14,6 @@ both ``[N, 64]`` and ``[N, 1, 64]`` are accepted, and every sample is fed as a b
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,10 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+# One rule for tensor names on both sides: LiteRT names its tensors after the signature
+# (``serving_default_input:0``); samples and checks are named after the model's own tensors.
+from edgeagent.runtime.checks import plain_name
+
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,6 @@ ModelFormat = Literal["onnx", "tflite"]
 
 #: TFLite files are FlatBuffers with this file identifier at byte offset 4.
 _TFLITE_MAGIC = b"TFL3"
-#: LiteRT names its tensors after the signature (``serving_default_input:0``); samples are named
-#: after the model's own inputs (``input``), so names are compared without these decorations.
-_TFLITE_NAME = re.compile(r"^(?:serving_default_)?(?P<name>.*?)(?::\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -206,12 +206,6 @@ class Samples:
     def feed(self, index: int) -> dict[str, np.ndarray]:
         """The inputs of sample ``index``, ready for the runtime."""
         return {name: array[index] for name, array in self.arrays.items()}
-
-
-def plain_name(name: str) -> str:
-    """A tensor name without LiteRT's signature decorations (``serving_default_x:0`` -> ``x``)."""
-    match = _TFLITE_NAME.match(name)
-    return match.group("name") if match else name
 
 
 def match_samples(

@@ -5,7 +5,8 @@ given as ``FILE:int8``; what it needs goes after it, ``FILE:int8:delegates=edget
 ``--checks FILE.npz`` adds the checks a box runs before it activates the release: either sample
 inputs (the expected outputs are computed here with the first fp32 variant), or the checks
 ``edgeconvert validate --write-checks`` wrote (``inputs/NAME`` and ``outputs/NAME`` arrays,
-with the tolerances in the ``.json`` next to it).
+with the tolerances, default and per variant, in the ``.json`` next to it). Every variant is
+opened, and checks that a box could not apply to one of them are refused.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from edgeagent.hub.repository import file_ref, release_bundle
+from edgeagent.runtime.checks import TensorNameError, pair_names, plain_name
 from edgeagent.runtime.inspect import onnx_precision
 
-from .errors import InputError
+from .errors import ConvertError, InputError
 from .hub import Hub, input_errors
-from .modelio import load_samples, match_samples, plain_name
-from .runners import open_runner
+from .modelio import load_samples, match_samples
+from .runners import Runner, open_runner
 from .validate import run_model
 
 _NEEDS = ("arch", "providers", "delegates")
@@ -76,19 +78,65 @@ def detect_precision(path: Path) -> str:
     return "fp16" if np.dtype(np.float16) in dtypes else "fp32"
 
 
-def _checks(path: Path, reference: Path | None, atol: float, rtol: float
-            ) -> tuple[bytes, float, float]:
-    """The checks archive (inputs/NAME, outputs/NAME) and its tolerances."""
+_TOLERANCE_KEYS = ("max_abs_error", "min_cosine", "min_top1")
+
+
+def _tolerances(data: Any, where: str) -> dict[str, float | None]:
+    """A tolerances object from a checks JSON file, checked (the bundle checks ranges)."""
+    if not isinstance(data, dict) or set(data) - set(_TOLERANCE_KEYS):
+        raise InputError(f"{where}: expected an object of {', '.join(_TOLERANCE_KEYS)}")
+    out: dict[str, float | None] = {}
+    for key in _TOLERANCE_KEYS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InputError(f"{where}.{key}: expected a number or null, not {value!r}")
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def _checks_meta(meta: Path, variant_files: Sequence[str]) -> dict[str, Any]:
+    """The tolerances of ``edgeconvert validate --write-checks`` (its ``.json``), for the bundle:
+    ``tolerances``, and ``variant_tolerances`` of the variants published."""
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta}: not a readable checks JSON file ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise InputError(f"{meta}: expected a JSON object")
+    out: dict[str, Any] = {}
+    default = _tolerances(doc.get("tolerances") or {}, f"{meta}: tolerances")
+    per_variant = doc.get("variant_tolerances") or {}
+    if not isinstance(per_variant, dict):
+        raise InputError(f"{meta}: variant_tolerances: expected an object: file -> tolerances")
+    variants = {k: _tolerances(v, f"{meta}: variant_tolerances[{k!r}]")
+                for k, v in per_variant.items() if k in variant_files}
+    # All null would check nothing: atol/rtol then apply to the variants not listed.
+    if any(v is not None for v in default.values()):
+        out["tolerances"] = default
+    if variants:
+        out["variant_tolerances"] = variants
+    return out
+
+
+def _checks(path: Path, reference: Path | None, atol: float, rtol: float,
+            variant_files: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checks arrays (inputs/NAME, outputs/NAME) and their tolerance fields."""
     arrays = load_samples(path)
     # Values typed Any: np.savez types its **kwds together with its allow_pickle flag.
     data: dict[str, Any]
+    fields: dict[str, Any] = {}
     if any(k.startswith("outputs/") for k in arrays):
         meta = path.with_suffix(".json")
         if meta.is_file():  # edgeconvert validate --write-checks
-            tolerances = json.loads(meta.read_text()).get("tolerances", {})
-            if tolerances.get("max_abs_error") is not None:
-                atol, rtol = float(tolerances["max_abs_error"]), 0.0
+            fields = _checks_meta(meta, variant_files)
+            default = fields.get("tolerances", {})
+            if default.get("max_abs_error") is not None:
+                # What boxes that read only atol/rtol apply.
+                atol, rtol = float(default["max_abs_error"]), 0.0
         data = arrays
+        if not any(k.startswith("inputs/") for k in data) or set(data) != {
+                k for k in data if k.startswith(("inputs/", "outputs/"))}:
+            raise InputError(f"{path}: checks hold only inputs/NAME and outputs/NAME arrays")
     else:
         if reference is None:
             raise InputError("--checks with sample inputs needs an fp32 variant to compute the "
@@ -98,9 +146,60 @@ def _checks(path: Path, reference: Path | None, atol: float, rtol: float
         outputs, _ = run_model(runner, samples)
         data = {f"inputs/{plain_name(n)}": a for n, a in samples.arrays.items()}
         data |= {f"outputs/{plain_name(n)}": a for n, a in outputs.items()}
-    buffer = io.BytesIO()
-    np.savez(buffer, **data)
-    return buffer.getvalue(), atol, rtol
+    return data, {"atol": atol, "rtol": rtol, **fields}
+
+
+def _shape(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def check_variant(runner: Runner, arrays: Mapping[str, np.ndarray]) -> None:
+    """Refuse checks that cannot apply to a variant, with the box's own rules.
+
+    The names pair as a box pairs them (:func:`edgeagent.runtime.checks.pair_names`), each
+    check input must fit the variant's input (rank, fixed dimensions, number kind), and the
+    first check, run here, must give outputs of the expected shapes.
+
+    Raises:
+        InputError: naming the variant and the tensor.
+    """
+    file = runner.path.name
+    inputs = {k[7:]: a for k, a in arrays.items() if k.startswith("inputs/")}
+    outputs = {k[8:]: a for k, a in arrays.items() if k.startswith("outputs/")}
+    specs = {i.name: i for i in runner.inputs}
+    try:
+        in_names = pair_names(list(inputs), list(specs), by_position=False)
+    except TensorNameError as exc:
+        raise InputError(f"{file}: the checks' input {exc.name!r} matches no input of this "
+                         f"variant (it takes {', '.join(specs)})") from exc
+    feed = {}
+    for name, real in in_names.items():
+        spec, value = specs[real], inputs[name]
+        dims = value.shape[1:]
+        if len(dims) != len(spec.shape) or any(
+                want is not None and want != got for want, got in zip(spec.shape, dims,
+                                                                     strict=True)):
+            raise InputError(f"{file}: the checks' input {name!r} has shape {_shape(dims)}, "
+                             f"the variant's {real!r} takes {_shape(spec.shape)}")
+        if value.dtype.kind != spec.dtype.kind and not (
+                value.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+            raise InputError(f"{file}: the checks' input {name!r} is {value.dtype}, the "
+                             f"variant's {real!r} takes {spec.dtype}")
+        feed[real] = value[0].astype(spec.dtype)
+    try:
+        out_names = pair_names(list(outputs), runner.output_names, by_position=True)
+    except TensorNameError as exc:
+        raise InputError(f"{file}: the checks' output {exc.name!r} matches no output of this "
+                         f"variant (it gives {', '.join(runner.output_names)})") from exc
+    try:
+        got = dict(zip(runner.output_names, runner.run(feed), strict=True))
+    except ConvertError as exc:
+        raise InputError(f"{file}: the checks do not run on this variant: {exc}") from exc
+    for name, real in out_names.items():
+        if got[real].shape != outputs[name].shape[1:]:
+            raise InputError(f"{file}: the checks' output {name!r} has shape "
+                             f"{_shape(outputs[name].shape[1:])}, the variant's {real!r} gives "
+                             f"{_shape(got[real].shape)}")
 
 
 def publish(hub_dir: Path, keys_dir: Path, name: str, version: int, variants: Sequence[str],
@@ -131,15 +230,19 @@ def publish(hub_dir: Path, keys_dir: Path, name: str, version: int, variants: Se
         })
     reference = next((s.path for s, e in zip(specs, entries, strict=True)
                       if e["precision"] == "fp32"), None)
-    runner = open_runner(specs[0].path)
+    runners = [open_runner(spec.path) for spec in specs]
     inputs = [{"name": plain_name(i.name), "dtype": str(i.dtype),
-               "shape": [-1 if d is None else d for d in i.shape]} for i in runner.inputs]
-    outputs = [{"name": n} for n in runner.output_names]
+               "shape": [-1 if d is None else d for d in i.shape]} for i in runners[0].inputs]
+    outputs = [{"name": n} for n in runners[0].output_names]
     checks_entry = None
     if checks is not None:
-        data, c_atol, c_rtol = _checks(checks, reference, atol, rtol)
-        files["checks.npz"] = data
-        checks_entry = {**file_ref("checks.npz", data), "atol": c_atol, "rtol": c_rtol}
+        arrays, fields = _checks(checks, reference, atol, rtol, list(files))
+        for runner in runners:  # a check a box cannot pair with its variant would fail it
+            check_variant(runner, arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files["checks.npz"] = buffer.getvalue()
+        checks_entry = {**file_ref("checks.npz", files["checks.npz"]), **fields}
     with input_errors():
         bundle = release_bundle(name, version, inputs=inputs, outputs=outputs,
                                 variants=entries, checks=checks_entry)
@@ -157,8 +260,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--version", type=int, required=True, metavar="N")
     p.add_argument("--checks", type=Path, metavar="FILE.npz",
                    help="sample inputs (or validate --write-checks output) for on-box checks")
-    p.add_argument("--atol", type=float, default=1e-2, help="check tolerance (absolute)")
-    p.add_argument("--rtol", type=float, default=1e-2, help="check tolerance (relative)")
+    p.add_argument("--atol", type=float, default=1e-2,
+                   help="check tolerance (absolute) where the checks bring none of their own")
+    p.add_argument("--rtol", type=float, default=1e-2,
+                   help="check tolerance (relative) where the checks bring none of their own")
     p.add_argument("files", nargs="+", metavar="FILE[:PRECISION][:KEY=A,B]")
     p.set_defaults(handler=_run)
 

@@ -15,8 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeagent.runtime.checks import plain_name
+
 from .errors import ConvertError
-from .modelio import InputSpec, load_onnx, model_format, onnx_input_specs, plain_name
+from .modelio import InputSpec, load_onnx, model_format, onnx_input_specs
 
 
 class Runner(Protocol):

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from edgeagent.runtime.checks import TensorNameError, compare, pair_names, plain_name
+
 from .errors import ConvertError, InputError
-from .modelio import Samples, load_samples, match_samples, model_format, plain_name
+from .modelio import Samples, load_samples, match_samples, model_format
 from .runners import Runner, open_runner, timed_run
 
 log = logging.getLogger(__name__)
@@ -143,16 +145,14 @@ def compare_outputs(
     Raises:
         InputError: when the outputs cannot be paired or their shapes differ.
     """
-    variant_by_plain = {plain_name(n): a for n, a in variant.items()}
-    if all(plain_name(n) in variant_by_plain for n in reference):
-        pairs = [(n, a, variant_by_plain[plain_name(n)]) for n, a in reference.items()]
-    elif len(reference) == len(variant):
-        pairs = [(n, a, b) for (n, a), b in zip(reference.items(), variant.values(), strict=True)]
-    else:
+    try:
+        paired = pair_names(list(reference), list(variant), by_position=True)
+    except TensorNameError as exc:
         raise InputError(
             f"{variant_path}: has outputs {list(variant)}, the reference has {list(reference)}; "
             "is it a variant of this model?"
-        )
+        ) from exc
+    pairs = [(n, a, variant[paired[n]]) for n, a in reference.items()]
     metrics = []
     for name, ref, var in pairs:
         if ref.shape != var.shape:
@@ -165,25 +165,15 @@ def compare_outputs(
 
 
 def _metrics(name: str, ref: np.ndarray, var: np.ndarray) -> OutputMetrics:
-    max_abs = float(np.max(np.abs(var - ref))) if ref.size else 0.0
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    flat_ref = ref.reshape(len(ref), -1)
-    flat_var = var.reshape(len(var), -1)
-    norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_var, axis=1)
-    dots = np.sum(flat_ref * flat_var, axis=1)
-    # Two all-zero outputs are identical; one zero output against a non-zero one is not.
-    both_zero = (np.linalg.norm(flat_ref, axis=1) == 0) & (np.linalg.norm(flat_var, axis=1) == 0)
-    cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), both_zero * 1.0)
-    # A classifier output is [batch, classes] per sample: stacked, [N, batch, classes].
-    top1 = None
-    if ref.ndim == 3 and ref.shape[-1] >= 2:
-        top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(var, axis=-1)))
+    # The box compares its checks with the same function (edgeagent.runtime.checks).
+    m = compare(ref, var)
+    scale = m.reference_range
     return OutputMetrics(
         name=name,
-        max_abs_error=max_abs,
-        max_rel_error=max_abs / scale if scale > 0 else max_abs,
-        cosine=float(np.mean(cosines)),
-        top1=top1,
+        max_abs_error=m.max_abs_error,
+        max_rel_error=m.max_abs_error / scale if scale > 0 else m.max_abs_error,
+        cosine=m.cosine,
+        top1=m.top1,
         reference_range=scale,
     )
 

@@ -11,6 +11,7 @@ another release cannot be slipped in.
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgeagent.errors import VerificationError
-from edgeagent.runtime.manager import ModelCheck
+from edgeagent.runtime.checks import ModelCheck, Tolerances
 
 SCHEMA = 1
 FORMATS = ("onnx", "tflite")
@@ -70,14 +71,33 @@ class Variant(FileRef):
 
 @dataclass(frozen=True)
 class ChecksRef(FileRef):
-    """The checks file (``.npz`` of ``inputs/NAME`` and ``outputs/NAME``) and its tolerances."""
+    """The checks file (``.npz`` of ``inputs/NAME`` and ``outputs/NAME``) and its tolerances.
 
-    atol: float = 1e-3
-    rtol: float = 1e-3
+    A variant is checked with ``variant_tolerances[its file]``, else ``tolerances``, else
+    ``atol``/``rtol`` (``np.allclose`` per check, what bundles before the tolerances carried).
+    """
+
+    atol: float | None = 1e-3
+    rtol: float | None = 1e-3
+    tolerances: Tolerances | None = None
+    variant_tolerances: Mapping[str, Tolerances] = field(default_factory=dict)
+
+    def for_variant(self, file: str | None) -> Tolerances | None:
+        """The tolerances a variant is checked with; None: ``atol``/``rtol``."""
+        if file is not None and file in self.variant_tolerances:
+            return self.variant_tolerances[file]
+        return self.tolerances
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "size": self.size, "sha256": self.sha256,
-                "atol": self.atol, "rtol": self.rtol}
+        out: dict[str, Any] = {"file": self.file, "size": self.size, "sha256": self.sha256}
+        if self.atol is not None and self.rtol is not None:
+            out |= {"atol": self.atol, "rtol": self.rtol}
+        if self.tolerances is not None:
+            out["tolerances"] = self.tolerances.to_dict()
+        if self.variant_tolerances:
+            out["variant_tolerances"] = {k: v.to_dict()
+                                         for k, v in self.variant_tolerances.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -146,6 +166,57 @@ def _signature(data: Any, key: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(data)
 
 
+#: Each tolerance and the range it must lie in.
+_TOLERANCE_RANGE = {"max_abs_error": (0.0, math.inf), "min_cosine": (-1.0, 1.0),
+                    "min_top1": (0.0, 1.0)}
+
+
+def _number(data: Mapping[str, Any], key: str, where: str, low: float, high: float) -> float:
+    value = _get(data, key, (int, float), where)
+    if not math.isfinite(value) or not low <= value <= high:
+        bounds = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+        raise _fail(f"{where}{key}", f"{value!r} must be a number {bounds}")
+    return float(value)
+
+
+def _tolerances(data: Any, where: str) -> Tolerances:
+    if not isinstance(data, Mapping):
+        raise _fail(where.rstrip("."), "expected an object of max_abs_error, min_cosine, "
+                    "min_top1 (null: not checked)")
+    unknown = sorted(set(data) - set(_TOLERANCE_RANGE))
+    if unknown:
+        raise _fail(f"{where}{unknown[0]}",
+                    f"unknown tolerance (known: {', '.join(_TOLERANCE_RANGE)})")
+    values = {key: None if data.get(key) is None else _number(data, key, where, *bounds)
+              for key, bounds in _TOLERANCE_RANGE.items()}
+    return Tolerances(**values)
+
+
+def _checks_ref(data: Any, variant_files: list[str]) -> ChecksRef:
+    file, size, sha = _file_ref(data, "checks.")
+    if not file.endswith(".npz"):
+        raise _fail("checks.file", "expected a .npz file")
+    tolerances = None
+    if data.get("tolerances") is not None:
+        tolerances = _tolerances(data["tolerances"], "checks.tolerances.")
+    per_variant: dict[str, Tolerances] = {}
+    raw = data.get("variant_tolerances")
+    if raw is not None:
+        if not isinstance(raw, Mapping):
+            raise _fail("checks.variant_tolerances", "expected an object: variant file -> "
+                        "tolerances")
+        for key, value in raw.items():
+            if key not in variant_files:
+                raise _fail(f"checks.variant_tolerances[{key!r}]",
+                            "names no variant of this release")
+            per_variant[key] = _tolerances(value, f"checks.variant_tolerances[{key!r}].")
+    atol = rtol = None
+    # Without default tolerances, atol and rtol are the default (and older boxes read them).
+    if "atol" in data or "rtol" in data or tolerances is None:
+        atol, rtol = (_number(data, k, "checks.", 0.0, math.inf) for k in ("atol", "rtol"))
+    return ChecksRef(file, size, sha, atol, rtol, tolerances, per_variant)
+
+
 # One branch per refused field, in document order: splitting it would only scatter the schema.
 def parse_bundle(  # noqa: PLR0912
         data: Any, name: str | None = None, version: int | None = None) -> Bundle:
@@ -202,20 +273,21 @@ def parse_bundle(  # noqa: PLR0912
         raise _fail("variants", "two variants name the same file")
     checks = None
     if data.get("checks") is not None:
-        file, size, sha = _file_ref(data["checks"], "checks.")
-        if not file.endswith(".npz"):
-            raise _fail("checks.file", "expected a .npz file")
-        tol = [_get(data["checks"], k, (int, float), "checks.") for k in ("atol", "rtol")]
-        if min(tol) < 0:
-            raise _fail("checks", "tolerances must be >= 0")
-        checks = ChecksRef(file, size, sha, float(tol[0]), float(tol[1]))
+        checks = _checks_ref(data["checks"], [v.file for v in variants])
     return Bundle(bname, bversion, _signature(data.get("inputs", []), "inputs"),
                   _signature(data.get("outputs", []), "outputs"), tuple(variants), checks)
 
 
-def read_checks(data: bytes, ref: ChecksRef) -> tuple[ModelCheck, ...]:
+def read_checks(data: bytes, ref: ChecksRef, variant: str | None = None
+                ) -> tuple[ModelCheck, ...]:
     """Turn a checks ``.npz`` (``inputs/NAME`` and ``outputs/NAME`` arrays, each with a leading
     check axis: the format ``edgeconvert validate --write-checks`` writes) into model checks.
+
+    Args:
+        data: The checks file's content.
+        ref: Its entry in the bundle, with the tolerances.
+        variant: The file of the variant the checks run on: its ``variant_tolerances`` apply,
+            else the bundle's ``tolerances``, else ``atol``/``rtol``.
 
     Raises:
         VerificationError: the file is not such an archive.
@@ -228,13 +300,18 @@ def read_checks(data: bytes, ref: ChecksRef) -> tuple[ModelCheck, ...]:
     inputs = {k[7:]: a for k, a in arrays.items() if k.startswith("inputs/")}
     outputs = {k[8:]: a for k, a in arrays.items() if k.startswith("outputs/")}
     counts = {a.shape[0] if a.ndim else -1 for a in (*inputs.values(), *outputs.values())}
-    if not inputs or not outputs or len(counts) != 1 or -1 in counts:
+    if not inputs or not outputs or len(counts) != 1 or -1 in counts or 0 in counts:
         raise VerificationError(
             f"checks file {ref.file}: expected inputs/NAME and outputs/NAME arrays with the same "
             "leading check axis"
         )
+    tolerances = ref.for_variant(variant)
+    limits: dict[str, float | None] = (
+        {"atol": ref.atol, "rtol": ref.rtol} if tolerances is None
+        else {"atol": None, "rtol": None, **tolerances.to_dict()}
+    )
     return tuple(
         ModelCheck({n: a[i] for n, a in inputs.items()}, {n: a[i] for n, a in outputs.items()},
-                   atol=ref.atol, rtol=ref.rtol)
+                   **limits)
         for i in range(counts.pop())
     )

@@ -31,7 +31,8 @@ from edgeagent.hub.bundle import Bundle, Variant, read_checks
 from edgeagent.hub.client import HubClient, HubIndex, HubUnreachable, MetadataExpired
 from edgeagent.hub.fetcher import HubFetcher, Progress
 from edgeagent.hub.store import DiskUsageReader, Installed, ModelStore
-from edgeagent.runtime.manager import ModelCheck, ModelSource
+from edgeagent.runtime.checks import ModelCheck
+from edgeagent.runtime.manager import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class HubSource:
         checks: tuple[ModelCheck, ...] = ()
         if inst.bundle.checks is not None:
             checks = read_checks((inst.directory / inst.bundle.checks.file).read_bytes(),
-                                 inst.bundle.checks)
+                                 inst.bundle.checks, inst.variant.file)
         return ModelSource(inst.model_path, inst.version, inst.variant.precision, origin="hub",
                            variant=f"{inst.variant.file} ({inst.reason})", checks=checks,
                            sha256=inst.variant.sha256)

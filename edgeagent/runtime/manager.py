@@ -24,6 +24,7 @@ import numpy as np
 from edgeagent.device.plan import ProviderPlan
 from edgeagent.errors import EdgeAgentError, ModelError, ModelNotFound, ModelNotReady
 from edgeagent.runtime.base import LoadedModel
+from edgeagent.runtime.checks import ModelCheck, run_checks
 from edgeagent.runtime.inspect import PRECISIONS, onnx_precision, sha256_file
 from edgeagent.runtime.memory import release_free_heap
 from edgeagent.runtime.registry import BackendRegistry, model_format
@@ -33,16 +34,6 @@ log = logging.getLogger(__name__)
 #: (format, precision, model sha256) -> provider plan. Built by the composition root from the
 #: device profile and facts, so the manager knows nothing of profiles.
 Planner = Callable[[str, str, str], ProviderPlan]
-
-
-@dataclass(frozen=True)
-class ModelCheck:
-    """A sample input and the output a model must give for it (bundle checks, DESIGN 3.4)."""
-
-    inputs: Mapping[str, np.ndarray]
-    expected: Mapping[str, np.ndarray]
-    atol: float = 1e-3
-    rtol: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -188,26 +179,6 @@ def _warmup_inputs(model: LoadedModel) -> dict[str, np.ndarray]:
         else:
             out[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
     return out
-
-
-def run_checks(model: LoadedModel, checks: Sequence[ModelCheck]) -> None:
-    """Run a bundle's checks; raise ModelError naming the first output out of tolerance."""
-    for i, check in enumerate(checks):
-        got = model.run(model.validate(check.inputs), list(check.expected))
-        for name, want in check.expected.items():
-            have = got[name]
-            if have.shape != want.shape:
-                raise ModelError(
-                    f"check {i}: output {name!r} has shape {list(have.shape)}, "
-                    f"expected {list(want.shape)}"
-                )
-            a, b = have.astype(np.float64), want.astype(np.float64)
-            if not np.allclose(a, b, atol=check.atol, rtol=check.rtol):
-                err = float(np.max(np.abs(a - b)))
-                raise ModelError(
-                    f"check {i}: output {name!r} is off by up to {err:.3g} "
-                    f"(tolerance atol={check.atol}, rtol={check.rtol})"
-                )
 
 
 class ModelManager:

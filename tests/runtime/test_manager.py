@@ -14,7 +14,8 @@ import pytest
 from edgeagent.device.plan import PlannedProvider, ProviderPlan
 from edgeagent.errors import InferenceInputError, ModelError, ModelNotFound, ModelNotReady
 from edgeagent.runtime.base import Backend, LoadedModel, ProviderAttempt, TensorSpec
-from edgeagent.runtime.manager import ModelCheck, ModelManager, ModelSource
+from edgeagent.runtime.checks import ModelCheck
+from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
 from tests import onnx_models
 
