@@ -185,14 +185,13 @@ class ModelManager:
     """Owns every model slot; the only code that loads, swaps and unloads sessions."""
 
     def __init__(self, registry: BackendRegistry, planner: Planner, *,
-                 infer_workers: int = 4, on_change: Callable[[str], None] | None = None) -> None:
+                 infer_workers: int = 4) -> None:
         self._registry = registry
         self._planner = planner
         self._slots: dict[str, ModelSlot] = {}
         # Loading never competes with inference for the same workers.
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeagent-load")
         self._infer_pool = ThreadPoolExecutor(infer_workers, thread_name_prefix="edgeagent-infer")
-        self._on_change = on_change
         self._running: dict[int, float] = {}
         self._running_lock = threading.Lock()
         self._next_ticket = 0
@@ -224,7 +223,6 @@ class ModelManager:
                 slot.last_error = str(exc)
                 slot.state = "ready" if slot.active else "failed"
                 log.error("model %s version %d not activated: %s", name, source.version, exc)
-                self._changed(name)
                 raise
             old, slot.active = slot.active, new
             slot.state, slot.last_error = "ready", ""
@@ -236,7 +234,6 @@ class ModelManager:
                      new.model.provider, new.format, new.precision,
                      f"; fell back: {new.model.fallback_reason}"
                      if new.model.fallback_reason else "")
-            self._changed(name)
             return new
 
     def _prepare(self, name: str, source: ModelSource) -> ModelVersion:
@@ -272,7 +269,6 @@ class ModelManager:
             if old is not None:
                 old.retire()
                 log.info("model %s version %d unloaded", name, old.version)
-        self._changed(name)
 
     def forget(self, name: str) -> None:
         """Drop an unloaded model name entirely (removed from the config)."""
@@ -377,9 +373,6 @@ class ModelManager:
             return False
         return True
 
-    def all_ready(self) -> bool:
-        return all(s.active is not None for s in self._slots.values())
-
     def slot(self, name: str) -> ModelSlot:
         return self._slot(name)
 
@@ -394,10 +387,6 @@ class ModelManager:
                 entry["in_flight"] = slot.active.in_flight
             out.append(entry)
         return out
-
-    def _changed(self, name: str) -> None:
-        if self._on_change is not None:
-            self._on_change(name)
 
 
 def _tflite_precision(model: LoadedModel) -> tuple[str, str]:
