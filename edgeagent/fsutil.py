@@ -27,11 +27,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the folder: the file is either old or new after a crash."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write, fsync, rename, fsync the folder: the file is either old or new after a crash.
+
+    The file is created with ``mode`` (before the umask), so a secret is never readable by
+    others, not even for a moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

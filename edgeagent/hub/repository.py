@@ -42,6 +42,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeagent.errors import HubError, VerificationError
+from edgeagent.fsutil import write_atomic
 from edgeagent.hub.bundle import SCHEMA, parse_bundle
 
 
@@ -58,14 +59,7 @@ EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=365),
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data, mode)
 
 
 def _expires(role: str, expiry: Mapping[str, timedelta] | None) -> datetime:
