@@ -38,6 +38,9 @@ class LocalFiles:
     def __init__(self, state_dir: Path, base_dir: Path) -> None:
         self.root = state_dir / "local"
         self.base_dir = base_dir
+        # path -> (size, mtime, inode) and the hash it had: a file is hashed again only when
+        # it changed, not on every poll pass.
+        self._hashed: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     def configured_path(self, section: ModelSection) -> Path:
         path = Path(section.path)
@@ -75,7 +78,7 @@ class LocalFiles:
         """
         path = self.configured_path(section)
         name = section.name
-        sha = _sha256(path)
+        sha = self._sha256(path)
         for version, known_sha in known.items():
             if known_sha == sha and self.kept(name, version) is not None:
                 return version, sha
@@ -104,6 +107,19 @@ class LocalFiles:
                         path)
         log.info("model %s: %s is local version %d", name, path, version)
         return version, copied
+
+    def _sha256(self, path: Path) -> str:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise ModelError(f"cannot read {path}: {exc.strerror}") from exc
+        signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = self._hashed.get(path)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        sha = _sha256(path)
+        self._hashed[path] = (signature, sha)
+        return sha
 
     def source(self, name: str, version: int, sha256: str) -> ModelSource:
         """The manager's view of a kept local version.
