@@ -32,6 +32,8 @@ class VersionAuthority(Protocol):
 
     async def sync_once(self) -> float: ...
 
+    async def prune_documents(self, received: set[str]) -> None: ...
+
     def desired(self) -> dict[str, Any]: ...
 
     def subscribe(self, listener: Callable[[], None]) -> None: ...
@@ -52,13 +54,16 @@ class FleetLink:
         owner: Decides model versions from the fleet's documents (with the other sources).
         reload_config: Re-reads the configuration (the ``reload-config`` command).
         backoff: Reconnection delays (smallest, largest) in seconds.
+        settle_s: After each connect, how long the broker's retained fleet documents are
+            waited for; a document kept on the box that the broker no longer holds (withdrawn
+            while the box was offline) is dropped then.
     """
 
     def __init__(self, config: AgentConfig, device_id: str, state_dir: Path, *, version: str,
                  system: SystemSampler, models: ModelFigures,
                  reported: Callable[[], dict[str, Any]], owner: VersionAuthority,
                  reload_config: Callable[[], Awaitable[dict[str, Any]]],
-                 backoff: tuple[float, float] = (0.5, 30.0)) -> None:
+                 backoff: tuple[float, float] = (0.5, 30.0), settle_s: float = 15.0) -> None:
         m = config.mqtt
         self.topics = Topics(m.topic_prefix, device_id)
         self.groups = config.agent.tags
@@ -86,6 +91,9 @@ class FleetLink:
         self.commands = CommandHandler(actions, state_dir / "control" / "commands.json")
         self._work: set[asyncio.Task[None]] = set()
         self._report_pending = False
+        self.settle_s = settle_s
+        self._connection = 0
+        self._received: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -130,6 +138,19 @@ class FleetLink:
                 "tags": list(self.groups)}
 
     async def _on_connect(self) -> None:
+        self._connection += 1
+        self._received = set()
+        connection = self._connection
+
+        async def prune() -> None:
+            # Retained messages follow the SUBACK at once; what has not come by now is gone
+            # from the broker (withdrawn while this box was offline).
+            await asyncio.sleep(self.settle_s)
+            if connection == self._connection and self.client is not None \
+                    and self.client.connected:
+                await self.owner.prune_documents(set(self._received))
+
+        self._spawn(prune())
         await self.reporter.on_connect()
 
     def _changed(self) -> None:
@@ -166,6 +187,8 @@ class FleetLink:
             group = msg.topic[len(self.topics.prefix) + len("/groups/"):-len("/desired")]
             source = f"group:{group}"
 
+        self._received.add(source)
+
         async def run() -> None:
             await self.owner.receive_desired(source, msg.payload)
             await self._report()
@@ -177,6 +200,7 @@ class FleetLink:
         rest = msg.topic[len(self.topics.prefix) + 1:]
         head, _, model = rest.rpartition("/rollouts/")
         target = "fleet" if head == "fleet" else f"group:{head[len('groups/'):]}"
+        self._received.add(f"rollout:{target}/{model}")
 
         async def run() -> None:
             await self.owner.receive_rollout(target, model, msg.payload)

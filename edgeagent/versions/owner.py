@@ -651,6 +651,25 @@ class VersionOwner:
         else:
             self._notify()
 
+    async def prune_documents(self, received: set[str]) -> None:
+        """Drop the fleet documents kept on the box that the broker did not send again after a
+        connect (``received``: ``device``, ``group:NAME``, ``rollout:TARGET/MODEL``): they were
+        withdrawn while the box was offline."""
+        fleet = self._state.fleet
+        gone: list[tuple[str, str | None]] = []
+        if fleet.device is not None and "device" not in received:
+            gone.append(("device", None))
+        gone += [(f"group:{g}", None) for g in fleet.groups if f"group:{g}" not in received]
+        gone += [(target, model) for target, models in fleet.rollouts.items() for model in models
+                 if f"rollout:{target}/{model}" not in received]
+        for key, model in gone:
+            log.info("fleet document %s%s is no longer on the broker: dropped", key,
+                     f"/{model}" if model else "")
+            if model is None:
+                await self.receive_desired(key, b"")
+            else:
+                await self.receive_rollout(key, model, b"")
+
     # ---- reporting ----------------------------------------------------------------------
 
     def describe(self, name: str) -> dict[str, Any]:

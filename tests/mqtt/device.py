@@ -57,6 +57,7 @@ class Device:
     def __init__(self, state_dir: Path, catalog: list[Path], device_id: str = "dev1",
                  **mqtt: Any) -> None:
         tags = mqtt.pop("tags", [])
+        settle_s = mqtt.pop("settle_s", 15.0)
         self.config = parse_config({"agent": {"device_id": device_id, "tags": tags},
                                     "mqtt": {"telemetry_interval_s": 0.2, **mqtt}})
         self.catalog = catalog
@@ -78,7 +79,7 @@ class Device:
             system=SystemSampler(Path("/"), disk_path=state_dir, nvml=False),
             models=ModelFigures(self.scheduler.all_stats, self.manager.status),
             reported=self._reported, owner=self.owner, reload_config=reload,
-            backoff=(0.1, 0.5))
+            backoff=(0.1, 0.5), settle_s=settle_s)
 
     def _reported(self) -> dict[str, Any]:
         return {"models": {m["name"]: {"version": m.get("version"),

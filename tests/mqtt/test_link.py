@@ -169,6 +169,36 @@ def test_desired_state_device_and_groups(tmp_path: Path, broker: Broker, watch: 
     run(restart())
 
 
+def test_a_document_withdrawn_while_offline_is_dropped_on_reconnect(
+        tmp_path: Path, broker: Broker, watch: Any) -> None:
+    """The box keeps the fleet's documents across restarts; one the broker no longer holds
+    after a connect (cleared while the box was away) is dropped, so no pin outlives its
+    document."""
+    w = watch(broker.port, [f"{PREFIX}/dev1/reported"])
+
+    def source() -> str:
+        return str((w.last("/reported") or {}).get("models", {}).get("mlp", {}).get("source"))
+
+    async def go() -> None:
+        dev = Device(tmp_path / "state", make_catalog(tmp_path / "models"), url=broker.url,
+                     settle_s=0.5)
+        await dev.start()
+        send(broker, f"{PREFIX}/dev1/desired", {"revision": 1, "models": {"mlp": {"version": 2}}},
+             retain=True)
+        await until(lambda: dev.active_version("mlp") == 2, "pinned to 2")
+        await dev.stop()
+        send(broker, f"{PREFIX}/dev1/desired", b"", retain=True)  # cleared while away
+        again = Device(tmp_path / "state", make_catalog(tmp_path / "models"), url=broker.url,
+                       settle_s=0.5)
+        await again.start()
+        assert again.active_version("mlp") == 2, "the kept document holds until the broker says"
+        await until(lambda: again.active_version("mlp") == 1 and source() == "config: file",
+                    "dropped after the settle time")
+        await again.stop()
+
+    run(go())
+
+
 def test_bad_desired_state_is_refused_and_changes_nothing(tmp_path: Path, broker: Broker,
                                                           watch: Any) -> None:
     w = watch(broker.port, [f"{PREFIX}/dev1/reported"])
