@@ -33,9 +33,11 @@ from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.repository import ModelRepository
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
+from edgeagent.runtime.shm import SharedMemoryRegistry
 from edgeagent.service.reload import ReloadPlan, plan_reload
 
 if TYPE_CHECKING:
+    from edgeagent.api.grpc_server import GrpcServer
     from edgeagent.control.link import FleetLink
     from edgeagent.hub.sync import HubSync
 
@@ -64,6 +66,8 @@ class Services:
     token: str | None
     status: Callable[[], dict[str, Any]]
     draining: Callable[[], bool] = field(default=lambda: False)
+    shm: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
+    """System shared memory regions registered by clients (both transports)."""
 
 
 class Agent:
@@ -88,6 +92,7 @@ class Agent:
         self.token = read_token(config)
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
+        self._grpc: GrpcServer | None = None
         self._draining = False
         self.hub: HubSync | None = None
         self.fleet: FleetLink | None = None
@@ -143,6 +148,7 @@ class Agent:
                 # first curl gets an answer.
                 await self.hub.sync_once()
         await self._start_http()
+        await self._start_grpc()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
         log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
                  self.config.http.listen)
@@ -196,6 +202,29 @@ class Agent:
         if "uds" in kwargs:
             os.chmod(kwargs["uds"], 0o660)
         self._server_task = asyncio.create_task(self._server.main_loop(), name="http-main-loop")
+
+    # ---- gRPC (issue 14): the same services as HTTP, on grpcio's asyncio server -----------
+
+    async def _start_grpc(self) -> None:
+        """Serve ``inference.GRPCInferenceService`` on ``grpc.listen`` (empty: not at all;
+        grpcio is then never imported)."""
+        listen = self.config.grpc.listen
+        if not listen:
+            return
+        from edgeagent.api.grpc_server import GrpcServer
+
+        server = GrpcServer(self.services, listen)
+        await server.start()
+        self._grpc = server
+        log.info("gRPC on %s", listen)
+
+    async def _stop_grpc(self) -> None:
+        """Stop accepting gRPC calls; those in flight get the shutdown grace to finish."""
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.agent.shutdown_grace_s)
+            self._grpc = None
+
+    # ---- reload -------------------------------------------------------------------------
 
     async def reload(self, config: AgentConfig) -> ReloadPlan:
         """Apply what can change live from a newly read configuration (SIGHUP).
@@ -296,6 +325,7 @@ class Agent:
             self.fleet = None
         self._draining = True
         grace = self.config.agent.shutdown_grace_s
+        await self._stop_grpc()
         if self._server is not None:
             self._server.should_exit = True
             if self._server_task is not None:
@@ -305,6 +335,7 @@ class Agent:
         if self.hub is not None:
             await self.hub.stop()
         await self.manager.close(grace)
+        self.services.shm.close()
         log.info("stopped")
 
     # ---- reporting ----------------------------------------------------------------------
@@ -322,6 +353,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 1),
             "profile": profile,
             "http": {"listen": self.config.http.listen, "token": self.token is not None},
+            "grpc": {"listen": self.config.grpc.listen},
             "backends": self.registry.status(),
             "models": [{**m, "scheduling": self.scheduler.describe(m["name"])}
                        for m in self.manager.status()],
