@@ -36,7 +36,7 @@ from edgeagent.api.grpc_codec import decode_infer, encode_infer
 from edgeagent.api.infer import parse_version
 from edgeagent.api.triton import server_metadata
 from edgeagent.errors import EdgeAgentError
-from edgeagent.runtime.shm import RegionExists, RegionForbidden, RegionNotFound
+from edgeagent.runtime.shm import RegionExists, RegionForbidden
 
 if TYPE_CHECKING:
     from edgeagent.app import Services
@@ -60,8 +60,6 @@ def grpc_code(exc: EdgeAgentError) -> grpc.StatusCode:
     """The gRPC status code of an edgeagent error (the one place that decides it)."""
     if isinstance(exc, RegionExists):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, RegionNotFound):
-        return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, RegionForbidden):
         return grpc.StatusCode.PERMISSION_DENIED
     return _CODES.get(status_of(exc), grpc.StatusCode.INTERNAL)
