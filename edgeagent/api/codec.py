@@ -443,12 +443,9 @@ def encode_response(model_name: str, model_version: int, request: InferRequest,
     for name, arr in outputs.items():
         datatype = datatype_of(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        ref = shm.get(name)
-        if ref is not None:  # written into the region by the data plane
-            entry["parameters"] = {"shared_memory_region": ref.region,
-                                   "shared_memory_byte_size": ref.byte_size}
-            if ref.offset:
-                entry["parameters"]["shared_memory_offset"] = ref.offset
+        if name in shm:
+            pass  # written into its region by the data plane: name, datatype, shape only (as
+            # Triton answers; its C++ client reads any "parameters" as binary data)
         elif request.wants_binary(name):
             buf = _to_binary(arr, datatype)
             entry["parameters"] = {"binary_data_size": len(buf)}

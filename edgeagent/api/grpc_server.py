@@ -113,7 +113,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         given = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                given = value if isinstance(value, str) else value.decode("latin-1")
+                # Stripped, as HTTP header values are (perf_analyzer's -H keeps the space).
+                given = (value if isinstance(value, str) else value.decode("latin-1")).strip()
                 break
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not token:
