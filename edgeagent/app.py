@@ -30,6 +30,7 @@ from edgeagent.device.profiles import ProfileSelection, load_profiles, select_pr
 from edgeagent.errors import EdgeAgentError
 from edgeagent.runtime.inspect import sha256_file
 from edgeagent.runtime.manager import ModelManager, ModelSource
+from edgeagent.runtime.memory import HeapTrimmer
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.repository import ModelRepository
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
@@ -68,6 +69,8 @@ class Services:
     draining: Callable[[], bool] = field(default=lambda: False)
     shm: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
     """System shared memory regions registered by clients (both transports)."""
+    trimmer: HeapTrimmer = field(default_factory=HeapTrimmer)
+    """Gives the heap back after a burst of large requests (both transports)."""
 
 
 class Agent:
@@ -336,6 +339,7 @@ class Agent:
             await self.hub.stop()
         await self.manager.close(grace)
         self.services.shm.close()
+        self.services.trimmer.close()
         log.info("stopped")
 
     # ---- reporting ----------------------------------------------------------------------

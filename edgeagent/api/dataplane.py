@@ -9,6 +9,7 @@ statuses in one place (``errors.py`` for HTTP, ``grpc_server.py`` for gRPC).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from edgeagent.api.triton import model_config, model_metadata
 from edgeagent.errors import ModelNotFound
 from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY
 from edgeagent.runtime.manager import ModelVersion
+from edgeagent.runtime.memory import HeapTrimmer
 from edgeagent.runtime.scheduler import ModelLimits
 from edgeagent.runtime.shm import Region, ShmRef
 
@@ -64,6 +66,8 @@ def check_parameters(params: Mapping[str, Any], where: str = "the request") -> t
         BadRequest: a sequence parameter (no sequence batching: a stateful model would get
             stateless answers), or a priority or timeout that is not a non-negative integer.
     """
+    if not params:
+        return 0, 0
     for key in SEQUENCE_PARAMETERS:
         value = params.get(key)
         if value not in (None, 0, "", False):
@@ -106,7 +110,7 @@ def tensor_from_bytes(buf: memoryview, name: str, datatype: str, shape: Sequence
     Raises:
         BadRequest: the bytes do not hold exactly that tensor.
     """
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         pos, end = 0, len(buf)
@@ -227,6 +231,18 @@ class DataPlane:
             Overloaded, DeadlineExceeded, ModelNotFound, ModelNotReady, InferenceInputError,
             InferenceError: from the scheduler.
         """
+        large = sum(a.nbytes for a in call.inputs.values()) >= HeapTrimmer.LARGE_BYTES
+        if not large:
+            return await self._infer(name, version, call)
+        trimmer = self.s.trimmer
+        trimmer.start()
+        try:
+            return await self._infer(name, version, call)
+        finally:
+            trimmer.note()
+
+    async def _infer(self, name: str, version: int | None,
+                     call: InferCall) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         regions = {r.region for r in call.shm_outputs.values()}
         regions |= {s.ref.region for s in call.shm_inputs.values()}
         if not regions:

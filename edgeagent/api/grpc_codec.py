@@ -47,6 +47,8 @@ _CONTENTS_FIELD = {
 
 def parameter_values(params: Mapping[str, Any]) -> dict[str, Any]:
     """A protobuf ``map<string, InferParameter>`` as plain Python values."""
+    if not params:
+        return {}
     out: dict[str, Any] = {}
     for key, param in params.items():
         which = param.WhichOneof("parameter_choice")
@@ -72,6 +74,9 @@ def decode_infer(request: Any, max_elements: int) -> InferCall:
         if out.name in names:
             raise BadRequest(f"output {out.name!r} is asked for twice")
         params = parameter_values(out.parameters)
+        if not params:
+            names.append(out.name)
+            continue
         if "classification" in params:
             raise BadRequest(f"output {out.name!r}: the classification extension "
                              "(class_count) is not supported; ask for the tensor itself")
@@ -99,13 +104,14 @@ def _decode_inputs(request: Any, max_elements: int, call: InferCall) -> None:
             raise BadRequest(f"input {name!r}: unknown datatype {datatype!r} "
                              f"(known: {', '.join(DATATYPE_TO_NUMPY)})")
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise BadRequest(f"input {name!r}: shape {list(shape)} has a negative dimension")
         count = math.prod(shape)
         if count > max_elements:
             raise PayloadTooLarge(f"input {name!r}: shape {list(shape)} has {count} elements, "
                                   f"more than http.max_tensor_elements ({max_elements})")
-        ref = shm_ref(parameter_values(tensor.parameters), f"input {name!r}")
+        params = tensor.parameters
+        ref = shm_ref(parameter_values(params), f"input {name!r}") if params else None
         if ref is not None:
             call.shm_inputs[name] = ShmInput(datatype, shape, ref)
             continue
