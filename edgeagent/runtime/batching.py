@@ -251,6 +251,8 @@ class BatchQueue:
         finally:
             if timer is not None:
                 timer.cancel()
+            if item in self._pending:  # expired or cancelled while queued: leave at once
+                self._pending.remove(item)
 
     async def _collect(self) -> None:
         try:
