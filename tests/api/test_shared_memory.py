@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from edgeagent.runtime.shm import SHM_ROOT
 from tests.api.conftest import AgentThread
+from tests.api.test_tritonclient_grpc import AioClient
 
 
 @dataclass
@@ -33,14 +34,15 @@ class Transport:
     """The status a bad request gets on this transport."""
 
 
-@pytest.fixture(params=["http", "grpc"])
+@pytest.fixture(params=["http", "grpc", "grpc-aio"])
 def transport(request: pytest.FixtureRequest, agent: AgentThread) -> Iterator[Transport]:
     if request.param == "http":
         t = Transport("http", tch.InferenceServerClient(agent.url.removeprefix("http://")), tch,
                       agent.headers, "400")
     else:
-        t = Transport("grpc", tcg.InferenceServerClient(agent.grpc_url), tcg,
-                      {"authorization": f"Bearer {agent.token}"},
+        client: Any = (tcg.InferenceServerClient(agent.grpc_url) if request.param == "grpc"
+                       else AioClient(agent.grpc_url))
+        t = Transport("grpc", client, tcg, {"authorization": f"Bearer {agent.token}"},
                       "StatusCode.INVALID_ARGUMENT")
     try:
         yield t

@@ -340,3 +340,40 @@ def test_message_over_the_request_limit_is_refused(stub: Any, agent: AgentThread
         stub.ModelInfer(big, metadata=metadata)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=metadata).live
+
+
+def test_aio_stream_answers_every_request(agent: AgentThread) -> None:
+    rng = np.random.default_rng(6)
+    batches = [rng.standard_normal((n, 64)).astype(np.float32) for n in (2, 1, 3)]
+
+    async def go() -> dict[str, Any]:
+        client = tca.InferenceServerClient(agent.grpc_url)
+
+        async def requests() -> Any:
+            for i, batch in enumerate(batches):
+                inp = tca.InferInput("input", list(batch.shape), "FP32")
+                inp.set_data_from_numpy(batch)
+                yield {"model_name": "mlp", "inputs": [inp], "request_id": f"a{i}",
+                       "priority": 1 + i, "timeout": 10_000_000}
+            bad = tca.InferInput("input", [1, 63], "FP32")
+            bad.set_data_from_numpy(np.zeros((1, 63), np.float32))
+            yield {"model_name": "mlp", "inputs": [bad], "request_id": "bad"}
+
+        got: dict[str, Any] = {}
+        try:
+            async for result, error in client.stream_infer(requests(), headers=_h(agent)):
+                if error is not None:
+                    got["error"] = error
+                else:
+                    got[result.get_response().id] = result.as_numpy("logits")
+                if len(got) == len(batches) + 1:
+                    break
+        finally:
+            await client.close()
+        return got
+
+    got = asyncio.run(go())
+    assert "shape" in str(got.pop("error"))
+    assert sorted(got) == ["a0", "a1", "a2"]
+    for i, batch in enumerate(batches):
+        assert got[f"a{i}"].shape == (batch.shape[0], 10)
