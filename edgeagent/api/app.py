@@ -8,6 +8,9 @@ their status by :mod:`edgeagent.api.errors`, the one place that maps them.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +156,37 @@ class Api:
         self.s.shm.unregister(request.path_params.get("name", ""))
         return JSONResponse({})
 
+    # ---- CUDA shared memory extension -------------------------------------------------
+
+    async def cuda_status(self, request: Request) -> Response:
+        return JSONResponse(self.s.shm.status(request.path_params.get("name", ""), "cuda"))
+
+    async def cuda_register(self, request: Request) -> Response:
+        payload = await self._json_object(request)
+        handle = payload.get("raw_handle")
+        b64 = handle.get("b64") if isinstance(handle, dict) else None
+        if not isinstance(b64, str):
+            raise BadRequest("'raw_handle' must be {\"b64\": <the base64 cudaIpcMemHandle_t>}")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except binascii.Error:
+            raise BadRequest("'raw_handle.b64' is not base64") from None
+        values = []
+        for field_name in ("device_id", "byte_size"):
+            value = payload.get(field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest(f"'{field_name}' must be an integer")
+            values.append(value)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.s.shm.register_cuda, request.path_params["name"], raw, values[0],
+            values[1])
+        return JSONResponse({})
+
+    async def cuda_unregister(self, request: Request) -> Response:
+        await self._json_object(request)
+        self.s.shm.unregister(request.path_params.get("name", ""), "cuda")
+        return JSONResponse({})
+
 
 def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[Route]:
     """The same route with and without ``/versions/{version}``."""
@@ -190,6 +224,13 @@ def build_app(services: Services) -> ASGIApp:
         Route("/v2/systemsharedmemory/region/{name}/unregister", api.shm_unregister,
               methods=["POST"]),
         Route("/v2/systemsharedmemory/unregister", api.shm_unregister, methods=["POST"]),
+        Route("/v2/cudasharedmemory/status", api.cuda_status, methods=["GET"]),
+        Route("/v2/cudasharedmemory/region/{name}/status", api.cuda_status, methods=["GET"]),
+        Route("/v2/cudasharedmemory/region/{name}/register", api.cuda_register,
+              methods=["POST"]),
+        Route("/v2/cudasharedmemory/region/{name}/unregister", api.cuda_unregister,
+              methods=["POST"]),
+        Route("/v2/cudasharedmemory/unregister", api.cuda_unregister, methods=["POST"]),
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/agent/status", api.agent_status, methods=["GET"]),
     ]

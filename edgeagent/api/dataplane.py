@@ -23,7 +23,7 @@ from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY
 from edgeagent.runtime.manager import ModelVersion
 from edgeagent.runtime.memory import HeapTrimmer
 from edgeagent.runtime.scheduler import ModelLimits
-from edgeagent.runtime.shm import Region, ShmRef
+from edgeagent.runtime.shm import MemoryRegion, ShmRef
 
 if TYPE_CHECKING:
     from edgeagent.api.codec import InferRequest
@@ -270,7 +270,7 @@ class DataPlane:
         return mv, outputs
 
 
-def _write_output(region: Region, ref: ShmRef, arr: np.ndarray, name: str) -> None:
+def _write_output(region: MemoryRegion, ref: ShmRef, arr: np.ndarray, name: str) -> None:
     data = arr if arr.dtype.kind not in "OUS" else np.frombuffer(tensor_to_bytes(arr), np.uint8)
     region.write(ref, data, f"output {name!r}")
 

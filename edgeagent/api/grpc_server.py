@@ -207,6 +207,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         self.s.shm.unregister(request.name)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
+    # ---- CUDA shared memory -----------------------------------------------------------
+
+    @_rpc()
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        response = service_pb2.CudaSharedMemoryStatusResponse()
+        for region in self.s.shm.status(request.name, "cuda"):
+            json_format.ParseDict(region, response.regions[str(region["name"])])
+        return response
+
+    @_rpc()
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.s.shm.register_cuda, request.name, request.raw_handle,
+            request.device_id, request.byte_size)
+        return service_pb2.CudaSharedMemoryRegisterResponse()
+
+    @_rpc()
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self.s.shm.unregister(request.name, "cuda")
+        return service_pb2.CudaSharedMemoryUnregisterResponse()
+
     # ---- inference --------------------------------------------------------------------
 
     async def _infer(self, request: Any) -> Any:

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -66,8 +67,24 @@ class ShmRef:
     offset: int = 0
 
 
+class MemoryRegion(Protocol):
+    """What a request needs of a registered region, system or CUDA."""
+
+    name: str
+    kind: str
+
+    def status(self) -> dict[str, object]: ...
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+    def retire(self) -> None: ...
+    def view(self, ref: ShmRef, what: str) -> memoryview: ...
+    def write(self, ref: ShmRef, data: np.ndarray, what: str) -> None: ...
+
+
 class Region:
     """One registered region: an open descriptor and a mapping of ``[0, offset + byte_size)``."""
+
+    kind = "system"
 
     def __init__(self, name: str, key: str, *, offset: int, byte_size: int, fd: int,
                  mapping: mmap.mmap) -> None:
@@ -164,13 +181,41 @@ def _key_path(key: str, root: Path) -> Path:
 
 
 class SharedMemoryRegistry:
-    """The regions registered by clients, by name (thread-safe; the one owner of them)."""
+    """The regions registered by clients, by name (thread-safe; the one owner of them).
+
+    System and CUDA regions share one namespace, as in Triton: a request names a region
+    without saying its kind.
+    """
 
     def __init__(self, root: Path = SHM_ROOT, max_regions: int = MAX_REGIONS) -> None:
         self._root = root
         self._max = max_regions
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[str, MemoryRegion] = {}
         self._lock = threading.Lock()
+
+    def _admit(self, name: str) -> None:
+        """Refuse a name taken, or one region too many (call under the lock)."""
+        if name in self._regions:
+            raise RegionExists(f"shared memory region {name!r} is already registered; "
+                               "unregister it first")
+        if len(self._regions) >= self._max:
+            raise SharedMemoryError(f"{self._max} shared memory regions are registered, the "
+                                    "most the agent keeps; unregister some first")
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int,
+                      byte_size: int) -> None:
+        """Open a client's CUDA IPC handle as a region (the CUDA runtime is loaded now).
+
+        Raises:
+            SharedMemoryError: see :func:`edgeagent.runtime.cuda_shm.open_cuda_region`.
+            RegionExists: the name is taken.
+        """
+        from edgeagent.runtime.cuda_shm import open_cuda_region
+
+        _check_name(name)
+        with self._lock:
+            self._admit(name)
+            self._regions[name] = open_cuda_region(name, raw_handle, device_id, byte_size)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open and map a region of the object ``key``.
@@ -185,12 +230,7 @@ class SharedMemoryRegistry:
         if offset < 0 or byte_size <= 0:
             raise SharedMemoryError(f"region {name!r}: offset must be >= 0 and byte_size > 0")
         with self._lock:
-            if name in self._regions:
-                raise RegionExists(f"shared memory region {name!r} is already registered; "
-                                   "unregister it first")
-            if len(self._regions) >= self._max:
-                raise SharedMemoryError(f"{self._max} shared memory regions are registered, the "
-                                        "most the agent keeps; unregister some first")
+            self._admit(name)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
@@ -218,38 +258,39 @@ class SharedMemoryRegistry:
             self._regions[name] = Region(name, key, offset=offset, byte_size=byte_size, fd=fd,
                                          mapping=mapping)
 
-    def unregister(self, name: str = "") -> None:
-        """Unregister one region (``""``: all). An unknown name is not an error (as Triton)."""
+    def unregister(self, name: str = "", kind: str = "system") -> None:
+        """Unregister one region of ``kind`` (``""``: all of that kind). An unknown name is not
+        an error (as Triton)."""
         with self._lock:
-            if name:
-                regions = [r for r in (self._regions.pop(name, None),) if r is not None]
-            else:
-                regions, self._regions = list(self._regions.values()), {}
+            names = [name] if name else list(self._regions)
+            regions = [self._regions.pop(n) for n in names
+                       if n in self._regions and self._regions[n].kind == kind]
         for region in regions:
             region.retire()
 
-    def status(self, name: str = "") -> list[dict[str, object]]:
-        """The registered regions (``""``: all).
+    def status(self, name: str = "", kind: str = "system") -> list[dict[str, object]]:
+        """The registered regions of ``kind`` (``name``: that one only).
 
         Raises:
-            RegionNotFound: ``name`` is not registered.
+            RegionNotFound: ``name`` is not registered as a region of ``kind``.
         """
         with self._lock:
             if not name:
-                return [r.status() for r in self._regions.values()]
+                return [r.status() for r in self._regions.values() if r.kind == kind]
             region = self._regions.get(name)
-        if region is None:
-            raise RegionNotFound(f"no shared memory region {name!r} is registered")
+        if region is None or region.kind != kind:
+            raise RegionNotFound(f"no {'CUDA ' if kind == 'cuda' else ''}shared memory region "
+                                 f"{name!r} is registered")
         return [region.status()]
 
     @contextlib.contextmanager
-    def lease(self, names: set[str]) -> Iterator[dict[str, Region]]:
+    def lease(self, names: set[str]) -> Iterator[dict[str, MemoryRegion]]:
         """The named regions, held until the block ends (unregistering waits for it).
 
         Raises:
             RegionNotFound: a name is not registered.
         """
-        held: dict[str, Region] = {}
+        held: dict[str, MemoryRegion] = {}
         try:
             with self._lock:
                 for name in names:
@@ -265,4 +306,5 @@ class SharedMemoryRegistry:
                 region.release()
 
     def close(self) -> None:
-        self.unregister()
+        self.unregister(kind="system")
+        self.unregister(kind="cuda")

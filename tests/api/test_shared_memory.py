@@ -4,6 +4,7 @@ with a clear error while the agent keeps serving."""
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 from collections.abc import Iterator
@@ -183,3 +184,21 @@ def test_a_region_shrunk_after_registration_is_refused_not_read(
     with pytest.raises(InferenceServerException, match="was shrunk to 16 bytes"):
         t.client.infer("mlp", [inp], headers=t.headers)
     assert _mlp_reference(t, np.ones((1, 64), np.float32)).shape == (1, 10)
+
+
+def test_cuda_shared_memory_is_refused_clearly_without_a_gpu(transport: Transport) -> None:
+    """On a box without a usable GPU a CUDA registration gets a clear error, never a crash;
+    the real path is checked by hw_tests/test_cuda_shared_memory.py on an NVIDIA box."""
+    t = transport
+    handle = base64.b64encode(bytes(64))
+    with pytest.raises(InferenceServerException) as info:
+        t.client.register_cuda_shared_memory("gpu", handle, 0, 1024, headers=t.headers)
+    assert "CUDA" in str(info.value), str(info.value)
+    assert str(info.value.status()) == t.bad_input
+    _refused(t, "a CUDA IPC handle is 64 bytes, got 3", t.client.register_cuda_shared_memory,
+             "gpu", base64.b64encode(b"abc"), 0, 1024)
+    _refused(t, "no CUDA shared memory region 'gpu'", t.client.get_cuda_shared_memory_status,
+             region_name="gpu")
+    t.client.unregister_cuda_shared_memory("gpu", headers=t.headers)  # not an error
+    status = t.client.get_cuda_shared_memory_status(headers=t.headers)
+    assert (status == []) if t.kind == "http" else (len(status.regions) == 0)
