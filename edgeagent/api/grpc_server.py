@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from edgeagent.api.dataplane import DataPlane
-from edgeagent.api.errors import Forbidden, Unauthorized, status_of
+from edgeagent.api.errors import BadRequest, Forbidden, Unauthorized, status_of
 from edgeagent.api.grpc_codec import decode_infer, encode_infer
 from edgeagent.api.infer import parse_version
 from edgeagent.api.triton import server_metadata
@@ -56,6 +57,39 @@ R = TypeVar("R")
 Method = Callable[["InferenceServicer", Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 
+class Undecodable:
+    """What a request that is not a valid message of its type deserialises to, so the method
+    answers INVALID_ARGUMENT with the reason (grpcio itself would answer UNKNOWN)."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {type_name} message: {error}"
+
+
+def _safe_parser(message_cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_cls.DESCRIPTOR.full_name, exc)
+
+    return parse
+
+
+def _generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers, as ``service_pb2_grpc`` builds them but with
+    :func:`_safe_parser` (methods the servicer leaves out answer UNIMPLEMENTED)."""
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        parse = _safe_parser(getattr(service_pb2, method.input_type.name))
+        serialize = getattr(service_pb2, method.output_type.name).SerializeToString
+        make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=parse, response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def grpc_code(exc: EdgeAgentError) -> grpc.StatusCode:
     """The gRPC status code of an edgeagent error (the one place that decides it)."""
     if isinstance(exc, RegionExists):
@@ -78,6 +112,8 @@ def _rpc(*, repository: bool = False) -> Callable[[Method[R]], Method[R]]:
                        context: grpc.aio.ServicerContext) -> R:
             try:
                 self.check_token(context, repository)
+                if isinstance(request, Undecodable):
+                    raise BadRequest(request.message)
                 return await method(self, request, context)
             except EdgeAgentError as exc:
                 if status_of(exc) >= 500 and status_of(exc) != 503:
@@ -258,6 +294,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
         async def answer(request: Any) -> None:
             try:
+                if isinstance(request, Undecodable):
+                    await _write(service_pb2.ModelStreamInferResponse(
+                        error_message=request.message))
+                    return
                 try:
                     response = service_pb2.ModelStreamInferResponse(
                         infer_response=await self._infer(request))
@@ -272,10 +312,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                         error_message=f"internal error: {type(exc).__name__}: {exc}",
                         infer_response=service_pb2.ModelInferResponse(
                             model_name=request.model_name, id=request.id))
-                async with write_lock:
-                    await context.write(response)
+                await _write(response)
             finally:
                 slots.release()
+
+        async def _write(response: Any) -> None:
+            async with write_lock:
+                await context.write(response)
 
         try:
             async for request in request_iterator:
@@ -302,8 +345,7 @@ class GrpcServer:
             # Two agents must not share a port silently: a second bind fails.
             ("grpc.so_reuseport", 0),
         ])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(services), self._server)
+        self._server.add_generic_rpc_handlers((_generic_handler(InferenceServicer(services)),))
         self._uds: Path | None = None
 
     async def start(self) -> None:

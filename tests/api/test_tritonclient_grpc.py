@@ -377,3 +377,27 @@ def test_aio_stream_answers_every_request(agent: AgentThread) -> None:
     assert sorted(got) == ["a0", "a1", "a2"]
     for i, batch in enumerate(batches):
         assert got[f"a{i}"].shape == (batch.shape[0], 10)
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", b"\x0a\x05ab", bytes(range(256))])
+def test_bytes_that_are_no_message_are_refused(agent: AgentThread, payload: bytes) -> None:
+    metadata = [("authorization", f"Bearer {agent.token}")]
+    with grpc.insecure_channel(agent.grpc_url) as channel:
+        raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(payload, metadata=metadata)
+        error: Any = info.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest message" in error.details()
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=metadata).live
+
+
+def test_methods_not_served_are_unimplemented(stub: Any, agent: AgentThread) -> None:
+    metadata = [("authorization", f"Bearer {agent.token}")]
+    for call, request in ((stub.TraceSetting, service_pb2.TraceSettingRequest()),
+                          (stub.LogSettings, service_pb2.LogSettingsRequest())):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=metadata).live
