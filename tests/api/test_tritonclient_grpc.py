@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -401,3 +402,19 @@ def test_methods_not_served_are_unimplemented(stub: Any, agent: AgentThread) -> 
             call(request, metadata=metadata)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
     assert stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=metadata).live
+
+
+def test_grpc_requests_count_in_the_same_metrics_as_http(agent: AgentThread) -> None:
+    def served() -> float:
+        text = httpx.get(f"{agent.url}/metrics", headers=agent.headers).text
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith('edgeagent_inference_requests_total{model="mlp"}'))
+        return float(line.split()[-1])
+
+    before = served()
+    with tc.InferenceServerClient(agent.grpc_url) as client:
+        inp = tc.InferInput("input", [1, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        for _ in range(3):
+            client.infer("mlp", [inp], headers=_h(agent))
+    assert served() == before + 3
