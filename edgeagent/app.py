@@ -36,6 +36,7 @@ from edgeagent.service.reload import ReloadPlan, plan_reload
 from edgeagent.versions.owner import VersionOwner, summary
 
 if TYPE_CHECKING:
+    from edgeagent.api.grpc_server import GrpcServer
     from edgeagent.control.link import FleetLink
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Agent:
         self.scheduler = InferenceScheduler(self.manager)
         self.token = read_token(config)
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+        self._grpc: GrpcServer | None = None
         self._draining = False
         self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
@@ -134,6 +136,7 @@ class Agent:
             # first curl gets an answer.
             await self.owner.sync_once()
         await self._start_http()
+        await self._start_grpc()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
         self._served_before = {m.name: self._version_of(m.name) for m in models}
         ready = [m.name for m in models if self.manager.ready(m.name)]
@@ -205,6 +208,29 @@ class Agent:
             os.chmod(kwargs["uds"], 0o660)
         task = asyncio.create_task(server.main_loop(), name=f"http-main-loop {listen}")
         self._servers.append((server, task))
+
+    # ---- gRPC (issue 14): the same services as HTTP, on grpcio's asyncio server -----------
+
+    async def _start_grpc(self) -> None:
+        """Serve ``inference.GRPCInferenceService`` on ``grpc.listen`` (empty: not at all;
+        grpcio is then never imported)."""
+        listen = self.config.grpc.listen
+        if not listen:
+            return
+        from edgeagent.api.grpc_server import GrpcServer
+
+        server = GrpcServer(self.services, listen)
+        await server.start()
+        self._grpc = server
+        log.info("gRPC on %s", listen)
+
+    async def _stop_grpc(self) -> None:
+        """Stop accepting gRPC calls; those in flight get the shutdown grace to finish."""
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.agent.shutdown_grace_s)
+            self._grpc = None
+
+    # ---- reload -------------------------------------------------------------------------
 
     async def reload(self, config: AgentConfig) -> ReloadPlan:
         """Apply what can change live from a newly read configuration (SIGHUP).
@@ -283,6 +309,7 @@ class Agent:
             self.fleet = None
         self._draining = True
         grace = self.config.agent.shutdown_grace_s
+        await self._stop_grpc()
         for server, _task in self._servers:
             server.should_exit = True
         for server, task in self._servers:
@@ -291,6 +318,8 @@ class Agent:
         self._servers = []
         await self.owner.stop()
         await self.manager.close(grace)
+        self.services.shm.close()
+        self.services.trimmer.close()
         log.info("stopped")
 
     # ---- reporting ----------------------------------------------------------------------
@@ -308,6 +337,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 1),
             "profile": profile,
             "http": {"listen": self.config.http.listen, "token": self.token is not None},
+            "grpc": {"listen": self.config.grpc.listen},
             "backends": self.registry.status(),
             "admin_socket": str(self.admin_socket),
             "models": [{**m, **self.owner.describe(m["name"]),

@@ -63,6 +63,18 @@ class HttpSection:
 
 
 @dataclass(frozen=True)
+class GrpcSection:
+    """``[grpc]``: the Open Inference Protocol over gRPC (Triton's ``GRPCInferenceService``).
+
+    The request bounds of ``[http]`` (``max_request_bytes``, ``max_tensor_elements``) and its
+    token apply to gRPC too.
+    """
+
+    listen: str = "127.0.0.1:8001"
+    """``HOST:PORT``, ``unix:PATH``, or empty: no gRPC listener."""
+
+
+@dataclass(frozen=True)
 class HubSection:
     """``[hub]``: where models come from and how they are trusted."""
 
@@ -124,6 +136,7 @@ class AgentConfig:
 
     agent: AgentSection = field(default_factory=AgentSection)
     http: HttpSection = field(default_factory=HttpSection)
+    grpc: GrpcSection = field(default_factory=GrpcSection)
     hub: HubSection = field(default_factory=HubSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     models: tuple[ModelSection, ...] = ()
@@ -147,6 +160,7 @@ class AgentConfig:
 _SECTIONS: dict[str, type[Any]] = {
     "agent": AgentSection,
     "http": HttpSection,
+    "grpc": GrpcSection,
     "hub": HubSection,
     "mqtt": MqttSection,
 }
@@ -230,17 +244,14 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"must be {'>= 0' if allow_zero else '> 0'}, got {value}", key)
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, key: str = "http.listen", example: str = "127.0.0.1:8080") -> None:
     if listen.startswith("unix:"):
         if not listen[5:]:
-            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)",
-                              "http.listen")
+            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)", key)
         return
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"expected HOST:PORT (127.0.0.1:8080) or unix:PATH, got {listen!r}", "http.listen"
-        )
+        raise ConfigError(f"expected HOST:PORT ({example}) or unix:PATH, got {listen!r}", key)
     bare = host.strip("[]")
     if bare != "localhost":
         try:
@@ -248,13 +259,15 @@ def _check_listen(listen: str) -> None:
         except ValueError:
             raise ConfigError(
                 f"{host!r} is not an IP address; use an address (0.0.0.0, 127.0.0.1, [::1])",
-                "http.listen",
+                key,
             ) from None
 
 
 def _validate(cfg: AgentConfig) -> None:
     """Cross-field rules that the types alone do not express."""
     _validate_agent_http(cfg.agent, cfg.http)
+    if cfg.grpc.listen:
+        _check_listen(cfg.grpc.listen, "grpc.listen", "127.0.0.1:8001")
     _validate_hub(cfg.hub)
     _validate_mqtt(cfg.mqtt)
     _validate_models(cfg.models, cfg.hub)
@@ -460,5 +473,11 @@ def read_token(config: AgentConfig) -> str | None:
             f"{config.http.listen} is reachable from other hosts; set http.token_file "
             "(a file holding a bearer token) or listen on 127.0.0.1",
             "http.listen",
+        )
+    if token is None and config.grpc.listen and not is_loopback_listen(config.grpc.listen):
+        raise ConfigError(
+            f"{config.grpc.listen} is reachable from other hosts; set http.token_file "
+            "(its token guards gRPC too) or listen on 127.0.0.1",
+            "grpc.listen",
         )
     return token

@@ -108,6 +108,13 @@ class Overloaded(EdgeAgentError):
         super().__init__(message)
 
 
+class DeadlineExceeded(Overloaded):
+    """A request's ``timeout`` passed while it waited in the model's queue; it was not run.
+
+    An :class:`Overloaded` (HTTP 503 with Retry-After; gRPC UNAVAILABLE), as Triton answers it.
+    """
+
+
 class HubError(EdgeAgentError):
     """The hub could not be reached, or what it served could not be verified."""
 

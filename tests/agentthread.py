@@ -5,11 +5,12 @@ if any of its threads are left behind. Shared by the HTTP API and hub tests."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
 
 from edgeagent.app import Agent
-from edgeagent.config import AgentConfig
+from edgeagent.config import AgentConfig, GrpcSection
 
 
 def free_port() -> int:
@@ -22,9 +23,14 @@ class AgentThread:
     """Runs an :class:`Agent` in a background thread's event loop until :meth:`stop`."""
 
     def __init__(self, config: AgentConfig) -> None:
+        if config.grpc.listen == GrpcSection().listen:
+            # Never the default port: tests (and other agents on the box) run side by side.
+            config = dataclasses.replace(
+                config, grpc=GrpcSection(listen=f"127.0.0.1:{free_port()}"))
         self.agent = Agent(config)
         listen = config.http.listen
         self.url = f"http://{listen}"
+        self.grpc_url = config.grpc.listen
         self.token = self.agent.token
         self._started = threading.Event()
         self._error: BaseException | None = None

@@ -27,7 +27,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -38,8 +38,10 @@ try:  # optional speed-up for large JSON tensors (see the module docstring)
 except ImportError:  # pragma: no cover - a core dependency; absent only on exotic platforms
     simdjson = None  # type: ignore[assignment]  # _parse_large checks for None first
 
+from edgeagent.api.dataplane import InferCall, ShmInput, check_parameters, shm_ref
 from edgeagent.api.errors import BadRequest, PayloadTooLarge
 from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, datatype_of
+from edgeagent.runtime.shm import ShmRef
 
 #: The header that splits a body into a JSON part and a binary part.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -68,6 +70,8 @@ class RequestedOutput:
 
     name: str
     binary: bool
+    shm: ShmRef | None = None
+    """Where to write it instead (Triton's system shared memory extension)."""
 
 
 @dataclass
@@ -80,10 +84,20 @@ class InferRequest:
     """The outputs asked for, in order; empty means all of them."""
     binary_output: bool
     """``parameters.binary_data_output``: the default for outputs not listed."""
+    shm_inputs: dict[str, ShmInput] = field(default_factory=dict)
+    """Inputs whose bytes are in a registered shared memory region."""
+    priority: int = 0
+    timeout_us: int = 0
 
     @property
     def output_names(self) -> list[str] | None:
         return [o.name for o in self.outputs] if self.outputs else None
+
+    def call(self) -> InferCall:
+        """The transport-free request (see :mod:`edgeagent.api.dataplane`)."""
+        return InferCall(self.inputs, self.output_names, self.shm_inputs,
+                         {o.name: o.shm for o in self.outputs if o.shm is not None},
+                         self.priority, self.timeout_us)
 
     def wants_binary(self, name: str) -> bool:
         for out in self.outputs:
@@ -93,10 +107,11 @@ class InferRequest:
 
 
 def header_length(value: str | None, body_size: int) -> int | None:
-    """Parse ``Inference-Header-Content-Length``; ``None`` when the whole body is JSON.
+    """Parse ``Inference-Header-Content-Length``; ``None`` when the whole body is JSON, 0 for
+    Triton's raw binary request (the whole body is the model's one input).
 
     Raises:
-        BadRequest: not an integer, or outside ``1..body_size``.
+        BadRequest: not an integer, or outside ``0..body_size``.
     """
     if value is None:
         return None
@@ -104,10 +119,10 @@ def header_length(value: str | None, body_size: int) -> int | None:
         n = int(value)
     except ValueError:
         raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
-    if not 0 < n <= body_size:
+    if not 0 <= n <= body_size:
         raise BadRequest(
             f"{HEADER_LENGTH} is {n}, but the body has {body_size} bytes "
-            "(expected 1 to the body size)"
+            "(expected 0 to the body size)"
         )
     return n
 
@@ -161,23 +176,29 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
         raise BadRequest("'id' must be a string")
     params = _mapping(header, "parameters", "the request")
     binary_output = _flag(params, "binary_data_output", "the request")
+    priority, timeout_us = check_parameters(params)
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
     inputs: dict[str, np.ndarray] = {}
+    shm_inputs: dict[str, ShmInput] = {}
     offset = 0
     for i, tensor in enumerate(raw_inputs):
         name, arr, used = _decode_input(tensor, i, binary[offset:], max_elements)
-        if name in inputs:
+        if name in inputs or name in shm_inputs:
             raise BadRequest(f"input {name!r} is given twice")
-        inputs[name] = arr
+        if isinstance(arr, ShmInput):
+            shm_inputs[name] = arr
+        else:
+            inputs[name] = arr
         offset += used
     if offset != len(binary):
         raise BadRequest(
             f"the binary inputs declare {offset} bytes (binary_data_size), but the body carries "
             f"{len(binary)} bytes after the JSON header"
         )
-    return InferRequest(request_id, inputs, _decode_outputs(header.get("outputs")), binary_output)
+    return InferRequest(request_id, inputs, _decode_outputs(header.get("outputs")), binary_output,
+                        shm_inputs, priority, timeout_us)
 
 
 def _parse_large(body: bytes | bytearray) -> dict[str, Any] | None:
@@ -256,18 +277,19 @@ def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise BadRequest(f"outputs[{i}] must be an object with a 'name'")
         params = _mapping(entry, "parameters", f"output {entry['name']!r}")
-        if "classification" in params or "shared_memory_region" in params:
-            raise BadRequest(f"output {entry['name']!r}: classification and shared memory are "
-                             "not supported; ask for the tensor itself")
-        out.append(RequestedOutput(entry["name"], _flag(params, "binary_data",
-                                                         f"output {entry['name']!r}")))
+        if "classification" in params:
+            raise BadRequest(f"output {entry['name']!r}: the classification extension "
+                             "(class_count) is not supported; ask for the tensor itself")
+        what = f"output {entry['name']!r}"
+        out.append(RequestedOutput(entry["name"], _flag(params, "binary_data", what),
+                                   shm_ref(params, what)))
     if len({o.name for o in out}) != len(out):
         raise BadRequest("an output is asked for twice")
     return tuple(out)
 
 
-def _decode_input(tensor: Any, index: int, binary: memoryview,
-                  max_elements: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(tensor: Any, index: int, binary: memoryview,  # noqa: PLR0912 - a rule a branch
+                  max_elements: int) -> tuple[str, np.ndarray | ShmInput, int]:
     """One input: its name, its array, and how many bytes of ``binary`` it used."""
     if not isinstance(tensor, dict):
         raise BadRequest(f"inputs[{index}] must be a JSON object")
@@ -289,8 +311,11 @@ def _decode_input(tensor: Any, index: int, binary: memoryview,
         raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
                               f"http.max_tensor_elements ({max_elements})")
     params = _mapping(tensor, "parameters", f"input {name!r}")
-    if "shared_memory_region" in params:
-        raise BadRequest(f"input {name!r}: shared memory is not supported; send the data")
+    ref = shm_ref(params, f"input {name!r}")
+    if ref is not None:
+        if "data" in tensor or "binary_data_size" in params:
+            raise BadRequest(f"input {name!r} is in shared memory and also in the request")
+        return name, ShmInput(datatype, tuple(shape), ref), 0
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in tensor:
@@ -414,10 +439,14 @@ def encode_response(model_name: str, model_version: int, request: InferRequest,
     """
     entries: list[dict[str, Any]] = []
     buffers: list[bytes | memoryview] = []
+    shm = {o.name: o.shm for o in request.outputs if o.shm is not None}
     for name, arr in outputs.items():
         datatype = datatype_of(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if request.wants_binary(name):
+        if name in shm:
+            pass  # written into its region by the data plane: name, datatype, shape only (as
+            # Triton answers; its C++ client reads any "parameters" as binary data)
+        elif request.wants_binary(name):
             buf = _to_binary(arr, datatype)
             entry["parameters"] = {"binary_data_size": len(buf)}
             buffers.append(buf)

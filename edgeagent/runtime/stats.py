@@ -77,6 +77,8 @@ class ModelStats:
         self.batch_sizes: Counter[int] = Counter()
         self.batch_ns: Counter[int] = Counter()
         """Compute nanoseconds spent per batch size (Triton's ``batch_stats``)."""
+        self.batch_input_ns: Counter[int] = Counter()
+        self.batch_output_ns: Counter[int] = Counter()
         self.in_flight = 0
         self.rejected = 0
         self._recent: deque[float] = deque(maxlen=window)
@@ -95,13 +97,23 @@ class ModelStats:
             else:
                 self.fail.add(total_ns)
 
-    def execution_done(self, batch_size: int, compute_ns: int, requests: int = 1) -> None:
-        """One run of the model (possibly several requests batched together)."""
+    def execution_done(self, batch_size: int, compute_ns: int, requests: int = 1, *,
+                       input_ns: int = 0, output_ns: int = 0) -> None:
+        """One run of the model (possibly several requests batched together).
+
+        As Triton counts them, each of ``compute_input``, ``compute_infer`` and
+        ``compute_output`` counts every request of the run (Triton's tools check that the
+        three counts agree); ``input_ns`` is the batch's assembly, ``output_ns`` its split.
+        """
         with self.lock:
             self.execution_count += 1
+            self.compute_input.add(input_ns, requests)
             self.compute_infer.add(compute_ns, requests)
+            self.compute_output.add(output_ns, requests)
             self.batch_sizes[batch_size] += 1
             self.batch_ns[batch_size] += compute_ns
+            self.batch_input_ns[batch_size] += input_ns
+            self.batch_output_ns[batch_size] += output_ns
 
     def take_window(self) -> dict[str, float]:
         """Latency percentiles (ms) of the requests since the last call; resets the window."""
@@ -132,7 +144,10 @@ class ModelStats:
                     "compute_output": self.compute_output.to_dict(),
                 },
                 "batch_stats": [
-                    {"batch_size": size, "compute_infer": {"count": n, "ns": self.batch_ns[size]}}
+                    {"batch_size": size,
+                     "compute_input": {"count": n, "ns": self.batch_input_ns[size]},
+                     "compute_infer": {"count": n, "ns": self.batch_ns[size]},
+                     "compute_output": {"count": n, "ns": self.batch_output_ns[size]}}
                     for size, n in sorted(self.batch_sizes.items())
                 ],
             }
