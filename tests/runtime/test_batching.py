@@ -310,22 +310,30 @@ def test_swap_mid_stream_answers_each_request_from_one_whole_version(tmp_path: P
         # Sessions of their own: the manager closes v1's once v2 replaces it.
         ref1, ref2 = (OnnxBackend().load(p, cpu_planner("onnx", "fp32", "")) for p in (v1, v2))
 
+        loaded = asyncio.Event()
+
         async def stream() -> list[tuple[int, np.ndarray]]:
-            answers = []
-            for wave in range(0, len(requests), 8):
-                got = await asyncio.gather(*(sched.infer("m", r)
-                                             for r in requests[wave:wave + 8]))
+            # Waves until the swap is done, then one more (however long the load takes).
+            answers: list[tuple[int, np.ndarray]] = []
+            wave, after = 0, 0
+            while after < 2:
+                batch = [requests[(wave + i) % len(requests)] for i in range(8)]
+                got = await asyncio.gather(*(sched.infer("m", r) for r in batch))
                 answers += [(mv.version, out["logits"]) for mv, out in got]
+                wave += 8
+                after += loaded.is_set()
             return answers
 
         streaming = asyncio.create_task(stream())
         await asyncio.sleep(0)
         await mgr.load("m", ModelSource(v2, version=2, precision="fp32"))
+        loaded.set()
         answers = await streaming
         versions = {v for v, _ in answers}
         assert versions <= {1, 2}
         assert answers[-1][0] == 2
-        for req, (version, logits) in zip(requests, answers, strict=False):
+        sent = [requests[i % len(requests)] for i in range(len(answers))]
+        for req, (version, logits) in zip(sent, answers, strict=True):
             ref = ref1 if version == 1 else ref2
             np.testing.assert_array_equal(logits, ref.run(req)["logits"])
         await finish(mgr)
