@@ -66,15 +66,48 @@ print(','.join(heavy))
     assert out.stdout.strip() == "", f"imported without a hub or broker: {out.stdout}"
 
 
+def test_licence_is_declared_as_spdx_and_shipped() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a pointer to it
+    assert set(project["urls"]) >= {"Homepage", "Documentation", "Source", "Issues"}
+
+
+def test_classifiers_name_every_supported_python() -> None:
+    """requires-python and the version classifiers say the same (3.10 up to the newest)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    versions = sorted(int(c.rsplit(".", 1)[1]) for c in project["classifiers"]
+                      if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    assert versions[0] == 10
+    assert versions == list(range(10, versions[-1] + 1))
+    assert "License :: OSI Approved :: Apache Software License" not in project["classifiers"], (
+        "PEP 639: the licence expression replaces licence classifiers")
+
+
 @pytest.mark.slow
 def test_wheel_carries_profiles_and_converters(tmp_path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v",
          "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        check=True, capture_output=True, text=True, timeout=300,
     )
+    warnings = [line for line in (build.stdout + build.stderr).splitlines()
+                if re.search(r"DeprecationWarning|BuildBackendWarning|is deprecated", line)]
+    assert warnings == [], "the build warns:\n" + "\n".join(warnings)
     (wheel,) = tmp_path.glob("edgeagent-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
+    meta = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in meta
+    assert "License-File: LICENSE" in meta
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "Project-URL: Source, " in meta
+    assert "Classifier: Programming Language :: Python :: 3.12" in meta
+    assert "edgeagent/py.typed" in names
     profiles = {n for n in names
                 if n.startswith("edgeagent/device_profiles/") and n.endswith(".toml")}
     assert "edgeagent/device_profiles/x86-64-cpu.toml" in profiles
