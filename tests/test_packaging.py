@@ -114,3 +114,50 @@ def test_wheel_carries_profiles_and_converters(tmp_path: Path) -> None:
     assert len(profiles) >= 10
     assert "edgeconvert/cli.py" in names
     assert not any(n.startswith(("tests/", "converters/")) for n in names)
+
+
+def test_a_box_without_onnx_and_onnxruntime(tmp_path: Path) -> None:
+    """The core names no onnxruntime build and no onnx: precisions are still read, the demo hub
+    is still made, and the onnx backend says which extra to add. Checked in a fresh
+    interpreter in which both packages cannot be imported, as on a bare install."""
+    model = REPO / "edgeagent" / "demo.onnx"
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('onnx', 'onnxruntime'):
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Block())
+from pathlib import Path
+from edgeagent.runtime.inspect import onnx_precision
+from edgeagent.runtime.registry import BackendRegistry
+from edgeagent.demo import ensure_demo_hub
+print(onnx_precision(Path({str(model)!r}))[0])
+print(ensure_demo_hub(Path({str(tmp_path)!r})))
+print(BackendRegistry().status()['onnx']['reason'])
+assert not {{m.split('.')[0] for m in sys.modules}} & {{'onnx', 'onnxruntime'}}
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "fp32", "True",
+        "backend 'onnxruntime' unavailable: install edgeagent[cpu] or edgeagent[gpu] "
+        "(pip install 'edgeagent[cpu]', or 'edgeagent[gpu]' on an NVIDIA box "
+        "(onnxruntime-gpu); never both)"]
+
+
+def test_core_names_no_onnxruntime_build_and_extras_bring_one_each() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0] for r in reqs}
+
+    core = names(project["dependencies"])
+    assert not core & {"onnx", "onnxruntime", "onnxruntime-gpu"}
+    extras = {k: names(v) for k, v in project["optional-dependencies"].items()}
+    assert "onnxruntime" in extras["cpu"] and "onnxruntime-gpu" not in extras["cpu"]
+    assert "onnxruntime-gpu" in extras["gpu"] and "onnxruntime" not in extras["gpu"]
+    builds = {"onnxruntime", "onnxruntime-gpu"}
+    assert all(not v & builds for k, v in extras.items() if k not in ("cpu", "gpu"))
+    assert "onnx" in extras["convert"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,10 @@ from edgeagent.device.profiles import (
     load_profiles,
     select_profile,
 )
+
+NO_BUILD_FIX = "pip install 'edgeagent[cpu]' (or 'edgeagent[gpu]' on an NVIDIA box)"
+BOTH_BUILDS_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                   "'edgeagent[gpu]' (or 'edgeagent[cpu]')")
 
 #: Stands for the model's content hash in the cache paths probe shows.
 MODEL_HASH_PLACEHOLDER = "{model_hash}"
@@ -64,9 +68,27 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         "profile": {**selection.to_dict(), "details": profile.to_dict()},
         "plans": plans,
         "installed": dict(facts.runtimes.packages),
+        "onnxruntime_build": onnxruntime_build(facts.runtimes.packages),
         "missing": _missing(profile, facts),
         "hub_models": _hub_choices(state_dir, hub_models, profile, facts),
     }
+
+
+def onnxruntime_build(packages: Mapping[str, str]) -> dict[str, Any]:
+    """Which onnxruntime build is installed: ``cpu`` (onnxruntime), ``gpu`` (onnxruntime-gpu),
+    ``both`` (they overwrite each other's files: a warning) or ``none``, with the versions."""
+    cpu, gpu = packages.get("onnxruntime"), packages.get("onnxruntime-gpu")
+    build = "both" if cpu and gpu else "cpu" if cpu else "gpu" if gpu else "none"
+    out: dict[str, Any] = {"build": build,
+                           "packages": {k: v for k, v in (("onnxruntime", cpu),
+                                                          ("onnxruntime-gpu", gpu)) if v}}
+    if build == "both":
+        out["warning"] = (f"onnxruntime {cpu} and onnxruntime-gpu {gpu} are both installed: they "
+                          "install the same module and whichever came last wins; keep one: "
+                          + BOTH_BUILDS_FIX)
+    elif build == "none":
+        out["warning"] = "no onnxruntime build: ONNX models cannot run; " + NO_BUILD_FIX
+    return out
 
 
 def _hub_choices(state_dir: Path, names: Sequence[str], profile: DeviceProfile,
@@ -87,12 +109,11 @@ def _missing(profile: DeviceProfile, facts: DeviceFacts) -> list[dict[str, str]]
         out.append({"package": what, "why": why, "hint": hint})
 
     if "onnxruntime" not in packages and "onnxruntime-gpu" not in packages:
-        need("onnxruntime", "runs ONNX models", "pip install edgeagent")
+        need("onnxruntime", "runs ONNX models (the core names no build: add one)", NO_BUILD_FIX)
     elif "onnxruntime" in packages and "onnxruntime-gpu" in packages:
         # Both install the same `onnxruntime` module; whichever was installed last wins.
-        need("onnxruntime-gpu alone", "onnxruntime and onnxruntime-gpu are both installed and "
-             "overwrite each other", "pip uninstall -y onnxruntime onnxruntime-gpu && "
-             "pip install 'edgeagent[gpu]'")
+        need("one onnxruntime build", "onnxruntime and onnxruntime-gpu are both installed and "
+             "overwrite each other", BOTH_BUILDS_FIX)
     if not (facts.runtimes.litert or facts.runtimes.tflite_runtime):
         need("ai-edge-litert", "runs TFLite models", "pip install 'edgeagent[litert]'")
     offered = facts.runtimes.ort_providers or ()
@@ -131,6 +152,9 @@ def format_probe_text(report: dict[str, Any]) -> str:
     runtimes = facts["runtimes"]
     ort = runtimes["ort_providers"]
     row("onnxruntime", ", ".join(ort) if ort is not None else "not importable")
+    build = report["onnxruntime_build"]
+    row("onnxruntime build", build["build"] + "".join(
+        f", {k} {v}" for k, v in build["packages"].items()))
     tflite = [n for n, ok in (("LiteRT", runtimes["litert"]),
                               ("tflite-runtime", runtimes["tflite_runtime"])) if ok]
     row("TFLite", ", ".join(tflite) or "not installed")
@@ -164,6 +188,8 @@ def format_probe_text(report: dict[str, Any]) -> str:
             where = f" v{m['version']}" if m["version"] is not None else ""
             lines.append(f"  {m['name']}{where}: {m['variant'] or 'unknown'}")
             lines.append(f"      {m['reason']}")
+    if "warning" in build:
+        lines += ["", f"WARNING: {build['warning']}"]
     if report["missing"]:
         lines += ["", "Missing"]
         for item in report["missing"]:
