@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig, ModelSection, config_dir, read_token
+from edgeagent.config import (
+    AgentConfig,
+    ModelSection,
+    config_dir,
+    read_metrics_token,
+    read_token,
+)
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
@@ -36,6 +42,7 @@ from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 from edgeagent.service.reload import ReloadPlan, plan_reload
 
 if TYPE_CHECKING:
+    from edgeagent.api.metrics import MetricsListener
     from edgeagent.control.link import FleetLink
     from edgeagent.hub.sync import HubSync
 
@@ -64,6 +71,8 @@ class Services:
     token: str | None
     status: Callable[[], dict[str, Any]]
     draining: Callable[[], bool] = field(default=lambda: False)
+    root: Path = Path("/")
+    """Where procfs and sysfs are (system figures on /metrics)."""
 
 
 class Agent:
@@ -92,8 +101,10 @@ class Agent:
         self.hub: HubSync | None = None
         self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
+        self.metrics_token = read_metrics_token(config, self.token)
+        self._metrics: MetricsListener | None = None
         self.services = Services(config, self.manager, self.scheduler, self.repository, self.token,
-                                 self.status, lambda: self._draining)
+                                 self.status, lambda: self._draining, root=root)
 
     # ---- wiring -------------------------------------------------------------------------
 
@@ -143,6 +154,7 @@ class Agent:
                 # first curl gets an answer.
                 await self.hub.sync_once()
         await self._start_http()
+        await self._start_metrics()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
         log.info("ready: %d model(s), HTTP on %s", len(self.repository.names()),
                  self.config.http.listen)
@@ -196,6 +208,17 @@ class Agent:
         if "uds" in kwargs:
             os.chmod(kwargs["uds"], 0o660)
         self._server_task = asyncio.create_task(self._server.main_loop(), name="http-main-loop")
+
+    async def _start_metrics(self) -> None:
+        """The optional ``[metrics] listen`` server (``GET /metrics`` only)."""
+        if not self.config.metrics.listen:
+            return
+        from edgeagent.api.metrics import MetricsListener, metrics_app
+
+        listener = MetricsListener(self.config.metrics.listen,
+                                   metrics_app(self.services, self.metrics_token))
+        await listener.start()
+        self._metrics = listener
 
     async def reload(self, config: AgentConfig) -> ReloadPlan:
         """Apply what can change live from a newly read configuration (SIGHUP).
@@ -302,6 +325,9 @@ class Agent:
                 await self._server_task
             await self._server.shutdown()
             self._server = None
+        if self._metrics is not None:
+            await self._metrics.stop()
+            self._metrics = None
         if self.hub is not None:
             await self.hub.stop()
         await self.manager.close(grace)

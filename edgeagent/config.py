@@ -63,6 +63,18 @@ class HttpSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: an optional listener of its own for ``GET /metrics``, so a remote
+    Prometheus can scrape without reaching inference (``/metrics`` stays on ``[http]`` too)."""
+
+    listen: str = ""
+    """``HOST:PORT`` or ``unix:PATH``; empty = no separate listener."""
+    token_file: str = ""
+    """Bearer token for the metrics listener; empty = the HTTP token (``http.token_file``),
+    if any. Beyond loopback one of the two is required."""
+
+
+@dataclass(frozen=True)
 class HubSection:
     """``[hub]``: where models come from and how they are trusted."""
 
@@ -124,6 +136,7 @@ class AgentConfig:
     http: HttpSection = field(default_factory=HttpSection)
     hub: HubSection = field(default_factory=HubSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     models: tuple[ModelSection, ...] = ()
     source: str = ""
     """Where the configuration came from (a path, or ``embedded defaults``)."""
@@ -147,6 +160,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "http": HttpSection,
     "hub": HubSection,
     "mqtt": MqttSection,
+    "metrics": MetricsSection,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -228,16 +242,15 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"must be {'>= 0' if allow_zero else '> 0'}, got {value}", key)
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, key: str = "http.listen") -> None:
     if listen.startswith("unix:"):
         if not listen[5:]:
-            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)",
-                              "http.listen")
+            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)", key)
         return
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(
-            f"expected HOST:PORT (127.0.0.1:8080) or unix:PATH, got {listen!r}", "http.listen"
+            f"expected HOST:PORT (127.0.0.1:8080) or unix:PATH, got {listen!r}", key
         )
     bare = host.strip("[]")
     if bare != "localhost":
@@ -246,7 +259,7 @@ def _check_listen(listen: str) -> None:
         except ValueError:
             raise ConfigError(
                 f"{host!r} is not an IP address; use an address (0.0.0.0, 127.0.0.1, [::1])",
-                "http.listen",
+                key,
             ) from None
 
 
@@ -255,6 +268,11 @@ def _validate(cfg: AgentConfig) -> None:
     _validate_agent_http(cfg.agent, cfg.http)
     _validate_hub(cfg.hub)
     _validate_mqtt(cfg.mqtt)
+    if cfg.metrics.listen:
+        _check_listen(cfg.metrics.listen, "metrics.listen")
+        if cfg.metrics.listen == cfg.http.listen:
+            raise ConfigError("must differ from http.listen (/metrics is served there already)",
+                              "metrics.listen")
     _validate_models(cfg.models, cfg.hub)
 
 
@@ -457,5 +475,27 @@ def read_token(config: AgentConfig) -> str | None:
             f"{config.http.listen} is reachable from other hosts; set http.token_file "
             "(a file holding a bearer token) or listen on 127.0.0.1",
             "http.listen",
+        )
+    return token
+
+
+def read_metrics_token(config: AgentConfig, http_token: str | None) -> str | None:
+    """The metrics listener's token: ``metrics.token_file``, else the HTTP token; refuse to
+    serve metrics beyond loopback without one (the rule ``[http]`` follows)."""
+    token = http_token
+    if config.metrics.token_file:
+        try:
+            token = Path(config.metrics.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file: {exc.strerror}",
+                              "metrics.token_file") from exc
+        if len(token) < 16:
+            raise ConfigError("the token must be at least 16 characters", "metrics.token_file")
+    if (token is None and config.metrics.listen
+            and not is_loopback_listen(config.metrics.listen)):
+        raise ConfigError(
+            f"{config.metrics.listen} is reachable from other hosts; set metrics.token_file "
+            "(or http.token_file) or listen on 127.0.0.1",
+            "metrics.listen",
         )
     return token

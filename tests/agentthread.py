@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from edgeagent.app import Agent
 from edgeagent.config import AgentConfig
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -60,6 +64,11 @@ class AgentThread:
             self._thread.join()
             raise self._error
         return self
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run a coroutine on the agent's event loop (from the test's thread) and wait for it."""
+        assert self._loop is not None, "call() before start()"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

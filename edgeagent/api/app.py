@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,7 +28,7 @@ from edgeagent.api.errors import (
     handle_unexpected,
 )
 from edgeagent.api.infer import InferEndpoint, infer_fast_path, parse_version, receive_body
-from edgeagent.api.metrics import CONTENT_TYPE_LATEST, build_registry
+from edgeagent.api.metrics import metrics_response, registry_for
 from edgeagent.api.triton import model_config, model_metadata, server_metadata
 from edgeagent.errors import EdgeAgentError, ModelNotFound
 from edgeagent.runtime.scheduler import ModelLimits
@@ -55,7 +54,7 @@ class Api:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.http = services.config.http
-        self.registry = build_registry(services.scheduler, services.manager)
+        self.registry = registry_for(services)
 
     # ---- health and metadata ----------------------------------------------------------
 
@@ -109,7 +108,7 @@ class Api:
         return JSONResponse({"model_stats": [entry]})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response(self.registry, request)
 
     async def agent_status(self, request: Request) -> Response:
         return JSONResponse(self.s.status())

@@ -217,6 +217,8 @@ class BatchQueue:
             self._stats.in_flight -= len(batch)
             done = time.perf_counter_ns()
             if ok:
-                self._stats.execution_done(sum(rows), done - started, len(batch))
+                self._stats.execution_done(sum(rows), done - started, len(batch),
+                                           version=version.version)
             for item in batch:
-                self._stats.request_done(ok, done - item.arrived_ns, started - item.arrived_ns)
+                self._stats.request_done(ok, done - item.arrived_ns, started - item.arrived_ns,
+                                         version=version.version)

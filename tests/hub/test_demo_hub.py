@@ -39,6 +39,13 @@ def test_embedded_defaults_serve_the_demo_from_a_local_hub(tmp_path: Path) -> No
         assert status["hub"]["models"]["demo"]["active"] == 1
         (model,) = status["models"]
         assert model["variant"].startswith("demo.onnx")
+        metrics = httpx.get(f"{agent.url}/metrics", timeout=30).text
+        assert "edgeagent_hub_up 1.0" in metrics
+        assert 'edgeagent_hub_sync_state{state="ok"} 1.0' in metrics
+        assert "edgeagent_hub_last_sync_timestamp_seconds " in metrics
+        assert ('edgeagent_model_info{format="onnx",model="demo",precision="fp32",'
+                f'provider="CPUExecutionProvider",variant="{model["variant"]}",version="1"}} 1.0'
+                in metrics)
     finally:
         agent.stop()
     hub_dir, keys_dir = state / DEMO_HUB, state / DEMO_KEYS
