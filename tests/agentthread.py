@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from pathlib import Path
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -25,8 +26,8 @@ def free_port() -> int:
 class AgentThread:
     """Runs an :class:`Agent` in a background thread's event loop until :meth:`stop`."""
 
-    def __init__(self, config: AgentConfig) -> None:
-        self.agent = Agent(config)
+    def __init__(self, config: AgentConfig, root: Path = Path("/")) -> None:
+        self.agent = Agent(config, root=root)
         listen = config.http.listen
         self.url = f"http://{listen}"
         self.token = self.agent.token

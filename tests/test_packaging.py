@@ -39,7 +39,7 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
         for p in (REPO / "edgeagent").rglob("*.py")
         if "__pycache__" not in p.parts
     }
-    found |= {"edgeagent.device_profiles", "edgeconvert"}
+    found |= {"edgeagent.device_profiles", "edgeagent.dashboards", "edgeconvert"}
     assert found == listed
 
 
@@ -108,12 +108,14 @@ def test_wheel_carries_profiles_and_converters(tmp_path: Path) -> None:
     assert "Project-URL: Source, " in meta
     assert "Classifier: Programming Language :: Python :: 3.12" in meta
     assert "edgeagent/py.typed" in names
+    assert {"edgeagent/dashboards/edgeagent-box.json",
+            "edgeagent/dashboards/edgeagent-fleet.json"} <= names
     profiles = {n for n in names
                 if n.startswith("edgeagent/device_profiles/") and n.endswith(".toml")}
     assert "edgeagent/device_profiles/x86-64-cpu.toml" in profiles
     assert len(profiles) >= 10
     assert "edgeconvert/cli.py" in names
-    assert not any(n.startswith(("tests/", "converters/")) for n in names)
+    assert not any(n.startswith(("tests/", "converters/", "dashboards/")) for n in names)
 
 
 def test_a_box_without_onnx_and_onnxruntime(tmp_path: Path) -> None:
