@@ -1,1 +1,1 @@
-"""Grafana dashboards for edgeagent (data: the JSON files beside this module; make.py writes them)."""
+"""Grafana dashboards for edgeagent: the JSON files beside this module (make.py writes them)."""

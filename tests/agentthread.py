@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from pathlib import Path
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from edgeagent.app import Agent
