@@ -83,6 +83,7 @@ class Agent:
         self.env = dict(env or {})
         self.root = root
         self.state_dir = config.state_path(self.env).resolve()
+        self.cache_dir = config.cache_path(self.env).resolve()
         config = self.config = demo_config(config, self.state_dir)
         self.started_at = time.time()
         self.facts: DeviceFacts | None = None
@@ -112,7 +113,7 @@ class Agent:
         assert self.facts is not None, "planned before start()"
         assert self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
-                              cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
+                              cache_dir=self.cache_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
 
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models

@@ -71,7 +71,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     config = demo_config(config, state_dir.resolve())
     hub_models = [m.name for m in config.models if m.version is not None] if config.hub.url else []
     report = probe_report(Path(args.root), forced, state_dir, profiles_dir=profiles_dir,
-                          hub_models=hub_models)
+                          hub_models=hub_models, cache_dir=config.cache_path(os.environ))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -151,6 +151,14 @@ class AgentConfig:
             return Path(systemd_dir.split(":")[0])
         return Path("edgeagent-data")
 
+    def cache_path(self, env: Mapping[str, str]) -> Path:
+        """Where rebuildable caches go (TensorRT engines): ``$CACHE_DIRECTORY`` under systemd
+        (``CacheDirectory=``, /var/cache/edgeagent), else the state directory."""
+        systemd_dir = env.get("CACHE_DIRECTORY", "")
+        if systemd_dir:
+            return Path(systemd_dir.split(":")[0])
+        return self.state_path(env)
+
     def model(self, name: str) -> ModelSection | None:
         return next((m for m in self.models if m.name == name), None)
 

@@ -121,3 +121,12 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert err.startswith("edgeagent: error: ") and "http.listen" in err
     assert "Traceback" not in err
+
+
+def test_cache_path_is_systemds_cache_directory_else_the_state_dir() -> None:
+    config = parse_config({})
+    assert config.cache_path({"CACHE_DIRECTORY": "/var/cache/edgeagent"}) == Path(
+        "/var/cache/edgeagent")
+    assert config.cache_path({"STATE_DIRECTORY": "/var/lib/edgeagent"}) == Path(
+        "/var/lib/edgeagent")
+    assert config.cache_path({}) == Path("edgeagent-data")

@@ -28,7 +28,8 @@ MODEL_HASH_PLACEHOLDER = "{model_hash}"
 def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
                  profiles_dir: Path | None = None,
                  runtimes: RuntimeFacts | None = None,
-                 hub_models: Sequence[str] = ()) -> dict[str, Any]:
+                 hub_models: Sequence[str] = (),
+                 cache_dir: Path | None = None) -> dict[str, Any]:
     """Everything ``edgeagent probe`` shows, as a JSON-able dict.
 
     Args:
@@ -39,6 +40,8 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         runtimes: Python-environment facts; detected live when omitted.
         hub_models: The configured hub models: their variant choice is shown when the store
             holds their bundles.
+        cache_dir: Where TensorRT caches go (default ``state_dir``; ``$CACHE_DIRECTORY``
+            under systemd).
 
     Returns:
         ``facts``, ``profile`` (name, reason, candidates, the profile itself), ``plans`` (one per
@@ -53,13 +56,13 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
     profiles = load_profiles(profiles_dir)
     selection = select_profile(profiles, facts, forced_profile)
     profile = selection.profile
-    cache_dir = Path(state_dir) / TRT_CACHE_DIRNAME
+    trt_cache = Path(cache_dir or state_dir) / TRT_CACHE_DIRNAME
     plans = []
     for fmt, preferred in (("onnx", profile.onnx_precisions),
                            ("tflite", profile.tflite_precisions)):
         ordered = [*preferred, *(p for p in PRECISIONS if p not in preferred)]
         for precision in ordered:
-            plan = plan_providers(profile, facts, fmt, precision, cache_dir=cache_dir,
+            plan = plan_providers(profile, facts, fmt, precision, cache_dir=trt_cache,
                                   model_hash=MODEL_HASH_PLACEHOLDER).to_dict()
             plan["preferred"] = precision in preferred
             plans.append(plan)
