@@ -49,7 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_install_service(args: argparse.Namespace) -> int:
     from edgeagent.service.unit import install_service
 
-    install_service(Path(args.prefix), args.user, args.dry_run, sys.stdout)
+    install_service(Path(args.prefix), args.user, args.dry_run, sys.stdout,
+                    exec_start=args.exec_start)
     return 0
 
 
@@ -201,6 +202,9 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be written")
     p.add_argument("--prefix", default="/",
                    help="root of the paths written (for tests and images); skips user creation")
+    p.add_argument("--exec", dest="exec_start", metavar="PATH",
+                   help="the edgeagent the unit runs (default: this one); with --prefix, the "
+                        "path as the target system sees it")
     add("check-config", cmd_check_config, "validate a configuration file")
     p = add("probe", cmd_probe, "show device facts, the chosen profile and the provider plans")
     p.add_argument("--json", action="store_true", help="machine-readable output")
