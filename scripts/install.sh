@@ -149,6 +149,9 @@ if [ "$ROOT" != / ]; then
   args+=(--prefix "$ROOT" --exec "$exec_start")
 fi
 "$PREFIX/bin/edgeagent" "${args[@]}"
+if [ ! -x "${ROOT%/}/bin/kill" ]; then
+  echo "install.sh: warning: no /bin/kill: 'systemctl reload edgeagent' needs it (apt install procps)" >&2
+fi
 if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
   if [ "$ENABLE" = 1 ]; then
