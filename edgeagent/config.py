@@ -140,6 +140,8 @@ class AgentConfig:
     models: tuple[ModelSection, ...] = ()
     source: str = ""
     """Where the configuration came from (a path, or ``embedded defaults``)."""
+    ignored_env: tuple[str, ...] = ()
+    """``EDGEAGENT_*`` variables that are not overrides (no ``__``): ignored, to be warned of."""
 
     def state_path(self, env: Mapping[str, str]) -> Path:
         """The state directory: configured, else ``$STATE_DIRECTORY``, else ./edgeagent-data."""
@@ -359,22 +361,44 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "EDGEAGENT_CONFIG":
+#: ``EDGEAGENT_*`` names that are not overrides and are documented (``EDGEAGENT_CONFIG``).
+ENV_NAMES = ("EDGEAGENT_CONFIG",)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]
+               ) -> tuple[dict[str, Any], dict[str, str], tuple[str, ...]]:
+    """Apply ``EDGEAGENT_<SECTION>__<KEY>`` overrides.
+
+    Returns:
+        The merged document, the key paths set from the environment (key path -> variable, so
+        an error in one is blamed on the variable, not the file), and the ``EDGEAGENT_*`` names
+        without ``__`` (a wrapper script's ``EDGEAGENT_VENV``, say): not overrides, ignored.
+    """
+    from_env: dict[str, str] = {}
+    ignored: list[str] = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NAMES:
             continue
         section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
-        if not sep or section not in _SECTIONS or not key:
+        if not sep:
+            ignored.append(name)
+            continue
+        if section not in _SECTIONS or not key:
             raise ConfigError(
                 f"not a configuration override; use {ENV_PREFIX}<SECTION>__<KEY> with a section "
                 f"among {', '.join(_SECTIONS)}",
                 source=name,
             )
+        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(known)})",
+                              f"{section}.{key}", source=name)
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError("expected a table", section)
         table[key] = _env_value(raw)
-    return data
+        from_env[f"{section}.{key}"] = name
+    return data, from_env, tuple(ignored)
 
 
 def parse_config(
@@ -391,8 +415,9 @@ def parse_config(
         ConfigError: naming the key path and what is wrong.
     """
     merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    from_env: dict[str, str] = {}
     try:
-        merged = _apply_env(merged, env or {})
+        merged, from_env, ignored = _apply_env(merged, env or {})
         unknown = sorted(set(merged) - set(_SECTIONS) - {"models"})
         if unknown:
             raise ConfigError(
@@ -407,9 +432,13 @@ def parse_config(
         kwargs["models"] = tuple(
             _build(ModelSection, m, f"models[{i}]") for i, m in enumerate(models)
         )
-        cfg = AgentConfig(**kwargs, source=source or "embedded defaults")
+        cfg = AgentConfig(**kwargs, source=source or "embedded defaults", ignored_env=ignored)
         _validate(cfg)
     except ConfigError as exc:
+        if not exc.source and exc.key_path in from_env:
+            # The value came from the environment: blame the variable, not the file.
+            message = str(exc).removeprefix(f"{exc.key_path}: ")
+            raise ConfigError(message, exc.key_path, from_env[exc.key_path]) from None
         if source and not exc.source:
             raise ConfigError(str(exc), exc.key_path, source) from None
         raise

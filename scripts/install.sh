@@ -149,6 +149,13 @@ if [ "$ROOT" != / ]; then
   args+=(--prefix "$ROOT" --exec "$exec_start")
 fi
 "$PREFIX/bin/edgeagent" "${args[@]}"
+# Shell completion, where the shells look for it.
+if [ -d "${ROOT%/}/usr/share/bash-completion/completions" ]; then
+  "$PREFIX/bin/edgeagent" completion bash > "${ROOT%/}/usr/share/bash-completion/completions/edgeagent"
+fi
+if [ -d "${ROOT%/}/usr/share/zsh/vendor-completions" ]; then
+  "$PREFIX/bin/edgeagent" completion zsh > "${ROOT%/}/usr/share/zsh/vendor-completions/_edgeagent"
+fi
 if [ ! -x "${ROOT%/}/bin/kill" ]; then
   echo "install.sh: warning: no /bin/kill: 'systemctl reload edgeagent' needs it (apt install procps)" >&2
 fi
