@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import os
 import platform
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -425,6 +426,8 @@ class MetricsListener:
             raise EdgeAgentError(
                 f"cannot listen on {self.listen} for metrics (in use, or not permitted)") from exc
         self._server = server
+        if "uds" in kwargs:
+            os.chmod(kwargs["uds"], 0o660)  # the owner and the agent's group, as the API socket
         self._task = asyncio.create_task(server.main_loop(), name="metrics-main-loop")
         log.info("metrics on %s", self.listen)
 

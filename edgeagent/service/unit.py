@@ -155,6 +155,10 @@ _HELP: dict[str, str] = {
     "mqtt.url": "mqtt:// or mqtts:// broker; empty = telemetry is only spooled locally.",
     "mqtt.password_file": "File holding the broker password (keeps the secret out of this file).",
     "mqtt.telemetry_interval_s": "Seconds between telemetry messages.",
+    "metrics.listen": "A listener of its own for GET /metrics (HOST:PORT or unix:PATH), so a "
+                      "remote Prometheus need not reach inference; empty = only on http.listen.",
+    "metrics.token_file": "Bearer token for it (>= 16 characters); empty = http.token_file. "
+                          "Beyond loopback one is required.",
 }
 
 _MODELS_EXAMPLE = """\

@@ -158,3 +158,17 @@ def test_metrics_listener_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         data, _ = _listener_config(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
         with pytest.raises(Exception, match=r"cannot listen on 127\.0\.0\.1:\d+ for metrics"):
             AgentThread(parse_config(data, source=str(tmp_path / "agent.toml"))).start()
+
+
+def test_metrics_listener_on_a_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "run" / "metrics.sock"
+    data, _ = _listener_config(tmp_path, metrics={"listen": f"unix:{sock}"})
+    running = AgentThread(parse_config(data, source=str(tmp_path / "agent.toml"))).start()
+    try:
+        assert sock.stat().st_mode & 0o777 == 0o660
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://edgeagent") as c:
+            r = c.get("/metrics")
+            assert r.status_code == 200 and "edgeagent_build_info" in r.text
+    finally:
+        running.stop()
