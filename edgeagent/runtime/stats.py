@@ -71,6 +71,11 @@ class VersionStats:
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
 
+#: Versions whose figures a model keeps (the oldest seen goes first): a box that took a hundred
+#: releases does not expose a hundred versions' series.
+MAX_VERSIONS = 4
+
+
 class ModelStats:
     """Statistics of one model, updated by the scheduler from any thread.
 
@@ -107,6 +112,8 @@ class ModelStats:
         vs = self.versions.get(version)
         if vs is None:
             vs = self.versions[version] = VersionStats()
+            while len(self.versions) > MAX_VERSIONS:
+                del self.versions[next(iter(self.versions))]
         return vs
 
     def reject(self, version: int | None = None) -> None:
