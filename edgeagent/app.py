@@ -23,7 +23,13 @@ import uvicorn
 
 from edgeagent import __version__
 from edgeagent.api.services import Services
-from edgeagent.config import AgentConfig, ModelSection, config_dir, read_token
+from edgeagent.config import (
+    AgentConfig,
+    ModelSection,
+    config_dir,
+    read_metrics_token,
+    read_token,
+)
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
@@ -37,6 +43,7 @@ from edgeagent.versions.owner import VersionOwner, summary
 
 if TYPE_CHECKING:
     from edgeagent.api.grpc_server import GrpcServer
+    from edgeagent.api.metrics import MetricsListener
     from edgeagent.control.link import FleetLink
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class Agent:
         self.env = dict(env or {})
         self.root = root
         self.state_dir = config.state_path(self.env).resolve()
+        self.cache_dir = config.cache_path(self.env).resolve()
         config = self.config = demo_config(config, self.state_dir)
         self.started_at = time.time()
         self.facts: DeviceFacts | None = None
@@ -83,7 +91,9 @@ class Agent:
                                   groups=config.agent.tags, keep_versions=config.hub.keep_versions,
                                   poll_interval_s=config.hub.poll_interval_s)
         self.services = Services(config, self.manager, self.scheduler, self.owner, self.token,
-                                 self.status, lambda: self._draining)
+                                 self.status, lambda: self._draining, root=root)
+        self.metrics_token = read_metrics_token(config, self.token)
+        self._metrics: MetricsListener | None = None
 
     # ---- wiring -------------------------------------------------------------------------
 
@@ -91,7 +101,7 @@ class Agent:
         assert self.facts is not None, "planned before start()"
         assert self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
-                              cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
+                              cache_dir=self.cache_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
 
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models
@@ -137,6 +147,7 @@ class Agent:
             await self.owner.sync_once()
         await self._start_http()
         await self._start_grpc()
+        await self._start_metrics()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
         self._served_before = {m.name: self._version_of(m.name) for m in models}
         ready = [m.name for m in models if self.manager.ready(m.name)]
@@ -232,6 +243,17 @@ class Agent:
 
     # ---- reload -------------------------------------------------------------------------
 
+    async def _start_metrics(self) -> None:
+        """The optional ``[metrics] listen`` server (``GET /metrics`` only)."""
+        if not self.config.metrics.listen:
+            return
+        from edgeagent.api.metrics import MetricsListener, metrics_app
+
+        listener = MetricsListener(self.config.metrics.listen,
+                                   metrics_app(self.services, self.metrics_token))
+        await listener.start()
+        self._metrics = listener
+
     async def reload(self, config: AgentConfig) -> ReloadPlan:
         """Apply what can change live from a newly read configuration (SIGHUP).
 
@@ -316,6 +338,9 @@ class Agent:
             await task
             await server.shutdown()
         self._servers = []
+        if self._metrics is not None:
+            await self._metrics.stop()
+            self._metrics = None
         await self.owner.stop()
         await self.manager.close(grace)
         self.services.shm.close()

@@ -75,6 +75,18 @@ class GrpcSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: an optional listener of its own for ``GET /metrics``, so a remote
+    Prometheus can scrape without reaching inference (``/metrics`` stays on ``[http]`` too)."""
+
+    listen: str = ""
+    """``HOST:PORT`` or ``unix:PATH``; empty = no separate listener."""
+    token_file: str = ""
+    """Bearer token for the metrics listener; empty = the HTTP token (``http.token_file``),
+    if any. Beyond loopback one of the two is required."""
+
+
+@dataclass(frozen=True)
 class HubSection:
     """``[hub]``: where models come from and how they are trusted."""
 
@@ -139,9 +151,12 @@ class AgentConfig:
     grpc: GrpcSection = field(default_factory=GrpcSection)
     hub: HubSection = field(default_factory=HubSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     models: tuple[ModelSection, ...] = ()
     source: str = ""
     """Where the configuration came from (a path, or ``embedded defaults``)."""
+    ignored_env: tuple[str, ...] = ()
+    """``EDGEAGENT_*`` variables that are not overrides (no ``__``): ignored, to be warned of."""
 
     def state_path(self, env: Mapping[str, str]) -> Path:
         """The state directory: configured, else ``$STATE_DIRECTORY``, else ./edgeagent-data."""
@@ -153,6 +168,14 @@ class AgentConfig:
             return Path(systemd_dir.split(":")[0])
         return Path("edgeagent-data")
 
+    def cache_path(self, env: Mapping[str, str]) -> Path:
+        """Where rebuildable caches go (TensorRT engines): ``$CACHE_DIRECTORY`` under systemd
+        (``CacheDirectory=``, /var/cache/edgeagent), else the state directory."""
+        systemd_dir = env.get("CACHE_DIRECTORY", "")
+        if systemd_dir:
+            return Path(systemd_dir.split(":")[0])
+        return self.state_path(env)
+
     def model(self, name: str) -> ModelSection | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -163,6 +186,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "grpc": GrpcSection,
     "hub": HubSection,
     "mqtt": MqttSection,
+    "metrics": MetricsSection,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -270,6 +294,11 @@ def _validate(cfg: AgentConfig) -> None:
         _check_listen(cfg.grpc.listen, "grpc.listen", "127.0.0.1:8001")
     _validate_hub(cfg.hub)
     _validate_mqtt(cfg.mqtt)
+    if cfg.metrics.listen:
+        _check_listen(cfg.metrics.listen, "metrics.listen")
+        if cfg.metrics.listen == cfg.http.listen:
+            raise ConfigError("must differ from http.listen (/metrics is served there already)",
+                              "metrics.listen")
     _validate_models(cfg.models, cfg.hub)
 
 
@@ -349,22 +378,44 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "EDGEAGENT_CONFIG":
+#: ``EDGEAGENT_*`` names that are not overrides and are documented (``EDGEAGENT_CONFIG``).
+ENV_NAMES = ("EDGEAGENT_CONFIG",)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]
+               ) -> tuple[dict[str, Any], dict[str, str], tuple[str, ...]]:
+    """Apply ``EDGEAGENT_<SECTION>__<KEY>`` overrides.
+
+    Returns:
+        The merged document, the key paths set from the environment (key path -> variable, so
+        an error in one is blamed on the variable, not the file), and the ``EDGEAGENT_*`` names
+        without ``__`` (a wrapper script's ``EDGEAGENT_VENV``, say): not overrides, ignored.
+    """
+    from_env: dict[str, str] = {}
+    ignored: list[str] = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NAMES:
             continue
         section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
-        if not sep or section not in _SECTIONS or not key:
+        if not sep:
+            ignored.append(name)
+            continue
+        if section not in _SECTIONS or not key:
             raise ConfigError(
                 f"not a configuration override; use {ENV_PREFIX}<SECTION>__<KEY> with a section "
                 f"among {', '.join(_SECTIONS)}",
                 source=name,
             )
+        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(known)})",
+                              f"{section}.{key}", source=name)
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError("expected a table", section)
         table[key] = _env_value(raw)
-    return data
+        from_env[f"{section}.{key}"] = name
+    return data, from_env, tuple(ignored)
 
 
 def parse_config(
@@ -381,8 +432,9 @@ def parse_config(
         ConfigError: naming the key path and what is wrong.
     """
     merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    from_env: dict[str, str] = {}
     try:
-        merged = _apply_env(merged, env or {})
+        merged, from_env, ignored = _apply_env(merged, env or {})
         unknown = sorted(set(merged) - set(_SECTIONS) - {"models"})
         if unknown:
             raise ConfigError(
@@ -397,9 +449,13 @@ def parse_config(
         kwargs["models"] = tuple(
             _build(ModelSection, m, f"models[{i}]") for i, m in enumerate(models)
         )
-        cfg = AgentConfig(**kwargs, source=source or "embedded defaults")
+        cfg = AgentConfig(**kwargs, source=source or "embedded defaults", ignored_env=ignored)
         _validate(cfg)
     except ConfigError as exc:
+        if not exc.source and exc.key_path in from_env:
+            # The value came from the environment: blame the variable, not the file.
+            message = str(exc).removeprefix(f"{exc.key_path}: ")
+            raise ConfigError(message, exc.key_path, from_env[exc.key_path]) from None
         if source and not exc.source:
             raise ConfigError(str(exc), exc.key_path, source) from None
         raise
@@ -479,5 +535,27 @@ def read_token(config: AgentConfig) -> str | None:
             f"{config.grpc.listen} is reachable from other hosts; set http.token_file "
             "(its token guards gRPC too) or listen on 127.0.0.1",
             "grpc.listen",
+        )
+    return token
+
+
+def read_metrics_token(config: AgentConfig, http_token: str | None) -> str | None:
+    """The metrics listener's token: ``metrics.token_file``, else the HTTP token; refuse to
+    serve metrics beyond loopback without one (the rule ``[http]`` follows)."""
+    token = http_token
+    if config.metrics.token_file:
+        try:
+            token = Path(config.metrics.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file: {exc.strerror}",
+                              "metrics.token_file") from exc
+        if len(token) < 16:
+            raise ConfigError("the token must be at least 16 characters", "metrics.token_file")
+    if (token is None and config.metrics.listen
+            and not is_loopback_listen(config.metrics.listen)):
+        raise ConfigError(
+            f"{config.metrics.listen} is reachable from other hosts; set metrics.token_file "
+            "(or http.token_file) or listen on 127.0.0.1",
+            "metrics.listen",
         )
     return token

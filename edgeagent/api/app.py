@@ -14,7 +14,6 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,7 +31,7 @@ from edgeagent.api.errors import (
     handle_unexpected,
 )
 from edgeagent.api.infer import InferEndpoint, infer_fast_path, parse_version, receive_body
-from edgeagent.api.metrics import CONTENT_TYPE_LATEST, build_registry
+from edgeagent.api.metrics import metrics_response, registry_for
 from edgeagent.api.triton import server_metadata
 from edgeagent.errors import EdgeAgentError
 
@@ -58,7 +57,7 @@ class Api:
         self.s = services
         self.http = services.config.http
         self.plane = DataPlane(services)
-        self.registry = build_registry(services.scheduler, services.manager)
+        self.registry = registry_for(services)
 
     # ---- health and metadata ----------------------------------------------------------
 
@@ -95,7 +94,7 @@ class Api:
         return JSONResponse({"model_stats": entries})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response(self.registry, request)
 
     async def agent_status(self, request: Request) -> Response:
         return JSONResponse(self.s.status())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.config import AgentConfig
@@ -31,3 +32,5 @@ class Services:
     """System shared memory regions registered by clients (both transports)."""
     trimmer: HeapTrimmer = field(default_factory=HeapTrimmer)
     """Gives the heap back after a burst of large requests (both transports)."""
+    root: Path = Path("/")
+    """Where procfs and sysfs are (system figures on /metrics)."""

@@ -322,7 +322,8 @@ class BatchQueue:
             done = time.perf_counter_ns()
             if times is not None:
                 self._stats.execution_done(sum(rows), times.infer_ns, len(batch),
-                                           input_ns=times.input_ns, output_ns=times.output_ns)
+                                           input_ns=times.input_ns, output_ns=times.output_ns,
+                                           version=version.version)
             for item in batch:
                 self._stats.request_done(times is not None, done - item.arrived_ns,
-                                         started - item.arrived_ns)
+                                         started - item.arrived_ns, version=version.version)

@@ -126,8 +126,8 @@ class InferenceScheduler:
                                              self._manager.run_in_worker)
         return lane
 
-    def _overloaded(self, lane: _Lane, name: str) -> Overloaded:
-        lane.stats.rejected += 1
+    def _overloaded(self, lane: _Lane, name: str, version: int | None = None) -> Overloaded:
+        lane.stats.reject(version)
         return Overloaded(
             f"model {name!r} has {lane.depth} requests queued (max_queue_size "
             f"{lane.limits.max_queue_size}); retry later",
@@ -156,7 +156,8 @@ class InferenceScheduler:
         if lane.batcher is not None and not lane.batcher and lane.running.free:
             # Idle: run at once, by itself (the direct path may run a tiny model inline).
             return await self._infer_alone(lane, name, inputs, output_names, version,
-                                           priority=priority, deadline_ns=deadline)
+                                           priority=priority, deadline_ns=deadline,
+                                           expected=mv.version)
         if lane.batcher is not None and self._batchable(lane, mv):
             mv.acquire()  # validated against this version, so run on it even if swapped meanwhile
             try:
@@ -166,13 +167,14 @@ class InferenceScheduler:
                 rows = request_rows(arrays)
                 if rows:  # inputs that disagree on their first dimension run alone, below
                     if lane.batcher.full:
-                        raise self._overloaded(lane, name)
+                        raise self._overloaded(lane, name, mv.version)
                     return mv, await lane.batcher.submit(mv, arrays, output_names, rows,
                                                          priority=priority, deadline_ns=deadline)
             finally:
                 mv.release()
         return await self._infer_alone(lane, name, inputs, output_names, version,
-                                       priority=priority, deadline_ns=deadline)
+                                       priority=priority, deadline_ns=deadline,
+                                       expected=mv.version)
 
     def _batchable(self, lane: _Lane, mv: ModelVersion) -> bool:
         why = unbatchable_reason(mv.model)
@@ -184,31 +186,34 @@ class InferenceScheduler:
 
     async def _infer_alone(self, lane: _Lane, name: str, inputs: Mapping[str, np.ndarray],
                            output_names: Sequence[str] | None, version: int | None, *,
-                           priority: int = 0, deadline_ns: int = 0,
+                           priority: int = 0, deadline_ns: int = 0, expected: int,
                            ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+        # ``expected``: the version active on arrival, what a failure is counted against.
         arrived = time.perf_counter_ns()
         if not lane.running.try_acquire():
             if lane.depth >= lane.limits.max_queue_size:
-                raise self._overloaded(lane, name)
+                raise self._overloaded(lane, name, expected)
             lane.waiting += 1
             try:
                 await lane.running.acquire(priority_rank(priority), deadline_ns)
             except DeadlineExceeded:
-                lane.stats.request_done(False, time.perf_counter_ns() - arrived, 0)
+                lane.stats.request_done(False, time.perf_counter_ns() - arrived, 0,
+                                        version=expected)
                 raise
             finally:
                 lane.waiting -= 1
         started = time.perf_counter_ns()
         lane.stats.in_flight += 1
-        ok = False
+        ok, served = False, expected
         try:
             mv, outputs = await self._manager.infer(name, inputs, output_names, version)
-            ok = True
+            ok, served = True, mv.version
         finally:
             lane.running.release()
             lane.stats.in_flight -= 1
             done = time.perf_counter_ns()
             if ok:
-                lane.stats.execution_done(request_rows(inputs) or 1, done - started)
-            lane.stats.request_done(ok, done - arrived, started - arrived)
+                lane.stats.execution_done(request_rows(inputs) or 1, done - started,
+                                          version=served)
+            lane.stats.request_done(ok, done - arrived, started - arrived, version=served)
         return mv, outputs

@@ -118,14 +118,14 @@ def test_metrics(http: httpx.Client) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for line in ('edgeagent_inference_requests_total{model="mlp"}',
-                 'edgeagent_inference_latency_seconds_bucket{le="+Inf",model="mlp"}',
-                 'edgeagent_inference_queue_seconds_count{model="mlp"}',
-                 'edgeagent_inference_batch_size_bucket{le="1",model="mlp"}',
-                 'edgeagent_inference_in_flight{model="mlp"}',
-                 'edgeagent_inference_queue_depth{model="mlp"}',
-                 'edgeagent_inference_rejected_total{model="mlp"}',
-                 'edgeagent_model_ready{model="mlp"} 1.0',
+    for line in ('edgeagent_inference_requests_total{model="mlp",outcome="success",version="1"}',
+                 'edgeagent_inference_latency_seconds_bucket{le="+Inf",model="mlp",version="1"}',
+                 'edgeagent_inference_queue_seconds_count{model="mlp",version="1"}',
+                 'edgeagent_inference_batch_size_bucket{le="1",model="mlp",version="1"}',
+                 'edgeagent_inference_in_flight{model="mlp",version="1"}',
+                 'edgeagent_inference_queue_depth{model="mlp",version="1"}',
+                 'edgeagent_inference_rejected_total{model="mlp",version="1"}',
+                 'edgeagent_model_ready{model="mlp",version="1"} 1.0',
                  "process_resident_memory_bytes", "process_cpu_seconds_total"):
         assert line in text, line
 
