@@ -407,9 +407,9 @@ def test_methods_not_served_are_unimplemented(stub: Any, agent: AgentThread) -> 
 def test_grpc_requests_count_in_the_same_metrics_as_http(agent: AgentThread) -> None:
     def served() -> float:
         text = httpx.get(f"{agent.url}/metrics", headers=agent.headers).text
-        line = next(ln for ln in text.splitlines()
-                    if ln.startswith('edgeagent_inference_requests_total{model="mlp"}'))
-        return float(line.split()[-1])
+        return sum(float(ln.split()[-1]) for ln in text.splitlines()
+                   if ln.startswith('edgeagent_inference_requests_total{model="mlp"')
+                   and 'outcome="success"' in ln)
 
     before = served()
     with tc.InferenceServerClient(agent.grpc_url) as client:
