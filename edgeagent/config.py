@@ -60,6 +60,8 @@ class HttpSection:
     max_request_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     max_tensor_elements: int = 64 * 1024 * 1024
+    max_bytes_elements: int = 1024 * 1024
+    """Elements one BYTES tensor may declare (each is a Python object on the box)."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,8 @@ def _validate_agent_http(a: AgentSection, h: HttpSection) -> None:
         raise ConfigError("expected auto, text or json", "agent.log_format")
     _positive(a.shutdown_grace_s, "agent.shutdown_grace_s", allow_zero=True)
     _check_listen(h.listen)
-    for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements"):
+    for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements",
+                "max_bytes_elements"):
         _positive(getattr(h, key), f"http.{key}")
 
 

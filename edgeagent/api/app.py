@@ -23,6 +23,7 @@ from edgeagent.api.auth import RequestGuard
 from edgeagent.api.codec import parse_json
 from edgeagent.api.errors import (
     BadRequest,
+    ErrorBoundary,
     NotReady,
     handle_edgeagent_error,
     handle_http_exception,
@@ -162,8 +163,9 @@ def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[
 def build_app(services: Services) -> ASGIApp:
     """The ASGI application serving the local API on ``services``.
 
-    Every request passes the :class:`RequestGuard` (header size, token); inference requests
-    then take the fast path to :class:`InferEndpoint`, the rest go through Starlette.
+    Every request passes the :class:`ErrorBoundary` (any unexpected exception: one 500, one
+    log line) and the :class:`RequestGuard` (header size, token); inference requests then take
+    the fast path to :class:`InferEndpoint`, the rest go through Starlette.
     """
     api = Api(services)
     infer = InferEndpoint(services)
@@ -191,5 +193,5 @@ def build_app(services: Services) -> ASGIApp:
                             HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
     )
-    return RequestGuard(infer_fast_path(app, infer), token=services.token,
-                        max_header_bytes=services.config.http.max_header_bytes)
+    return ErrorBoundary(RequestGuard(infer_fast_path(app, infer), token=services.token,
+                                      max_header_bytes=services.config.http.max_header_bytes))

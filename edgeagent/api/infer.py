@@ -27,7 +27,6 @@ from edgeagent.api.errors import (
     NotReady,
     PayloadTooLarge,
     error_response,
-    unexpected_response,
 )
 from edgeagent.errors import EdgeAgentError, ModelNotFound
 
@@ -39,6 +38,9 @@ log = logging.getLogger(__name__)
 #: Bodies (and outputs) above this size are decoded (encoded) in a worker thread, so one large
 #: request never stalls the event loop; smaller ones are cheaper to handle inline.
 OFFLOAD_BYTES = 1 << 20
+
+#: Digits a version in a path may have: more than any version (an int64) can.
+_VERSION_DIGITS = 19
 
 #: The two infer routes, with Starlette's ``{param}`` semantics (one path segment each).
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
@@ -61,8 +63,11 @@ async def receive_body(receive: Receive, content_length: bytes | str | None,
     if content_length is not None:
         text = (content_length.decode("latin-1") if isinstance(content_length, bytes)
                 else content_length)
-        if not text.isdigit():
-            raise BadRequest(f"Content-Length must be a number of bytes, got {text!r}")
+        if not (text.isascii() and text.isdigit()):  # isdigit() alone takes other scripts'
+            raise BadRequest(f"Content-Length must be a number of bytes, got {text[:40]!r}")
+        if len(text) > 19:  # int() refuses 4,300 digits and more; this is over any limit
+            raise PayloadTooLarge(f"the body is {text[:20]}... bytes, more than "
+                                  f"http.max_request_bytes ({limit})")
         declared = int(text)
         if declared > limit:
             raise PayloadTooLarge(f"the body is {declared} bytes, more than "
@@ -93,12 +98,16 @@ def parse_version(name: str, raw: str | None) -> int | None:
     """The ``{version}`` of a model path, or ``None`` when the path names none.
 
     Raises:
-        ModelNotFound: not a positive integer (no such version can exist).
+        ModelNotFound: not a positive integer in ASCII digits, or one of more digits than any
+            version has (no such version can exist).
     """
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise ModelNotFound(f"model {name!r} has no version {raw!r} "
+    # isdigit() alone takes other scripts' digits (and superscripts, which int() refuses);
+    # int() refuses more than 4,300 digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > _VERSION_DIGITS:
+        shown = raw if len(raw) <= 40 else f"{raw[:40]}..."
+        raise ModelNotFound(f"model {name!r} has no version {shown!r} "
                             "(versions are positive integers)")
     return int(raw)
 
@@ -128,10 +137,8 @@ class InferEndpoint:
         except EdgeAgentError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        except Exception as exc:
-            log.exception("inference request to model %s failed", name)
-            await unexpected_response(exc)(scope, receive, send)
-            return
+        # Anything else is a bug: the transport's boundary (api.errors.ErrorBoundary) answers
+        # 500 and logs it once, with the request id.
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -150,7 +157,8 @@ class InferEndpoint:
                 binary_header = value.decode("latin-1")
         body = await receive_body(receive, content_length, http.max_request_bytes)
         decode = functools.partial(decode_request, body, header_length(binary_header, len(body)),
-                                   http.max_tensor_elements)
+                                   http.max_tensor_elements,
+                                   max_bytes_elements=http.max_bytes_elements)
         req = decode() if len(body) <= OFFLOAD_BYTES else await run_in_threadpool(decode)
         mv, outputs = await self.s.scheduler.infer(name, req.inputs, req.output_names, version)
         encode = functools.partial(encode_response, name, mv.version, req, outputs)
