@@ -62,6 +62,15 @@ class HttpSection:
     max_tensor_elements: int = 64 * 1024 * 1024
     max_bytes_elements: int = 1024 * 1024
     """Elements one BYTES tensor may declare (each is a Python object on the box)."""
+    header_timeout_s: float = 10.0
+    """Seconds a request head may take to arrive in full (from its first byte, or from the
+    connection's opening); past it the connection is closed."""
+    body_timeout_s: float = 60.0
+    """Seconds a request body may take to arrive in full, once its head is in."""
+    keepalive_timeout_s: float = 5.0
+    """Seconds an idle keep-alive connection is kept open for a next request."""
+    max_connections: int = 4096
+    """Open connections at most; lowered at start-up to stay below the open-file limit."""
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,8 @@ def _validate_agent_http(a: AgentSection, h: HttpSection) -> None:
     _positive(a.shutdown_grace_s, "agent.shutdown_grace_s", allow_zero=True)
     _check_listen(h.listen)
     for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements",
-                "max_bytes_elements"):
+                "max_bytes_elements", "header_timeout_s", "body_timeout_s",
+                "keepalive_timeout_s", "max_connections"):
         _positive(getattr(h, key), f"http.{key}")
 
 

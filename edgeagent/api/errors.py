@@ -20,7 +20,7 @@ import secrets
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -168,7 +168,13 @@ def _log_unexpected(scope: Scope, exc: Exception) -> str:
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """Starlette's handler for anything else: the log line and the 500 (Starlette then
-    re-raises the exception, and :class:`ErrorBoundary` keeps it from the server)."""
+    re-raises the exception, and :class:`ErrorBoundary` keeps it from the server).
+
+    A client gone before its body was complete (or cut off by a deadline) is no bug: nobody
+    is left to answer, and nothing is logged.
+    """
+    if isinstance(exc, ClientDisconnect):
+        return Response(status_code=400)  # never delivered: the connection is gone
     return unexpected_response(exc, _log_unexpected(request.scope, exc))
 
 
@@ -197,6 +203,8 @@ class ErrorBoundary:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            return  # the client is gone (or was cut off by a deadline): nobody to answer
         except Exception as exc:
             rid = _log_unexpected(scope, exc)
             if not started:
