@@ -85,6 +85,14 @@ class HubSection:
     """Previous versions kept on disk per model for instant rollback."""
     disk_budget_mb: int = 0
     """0 = no budget beyond the free space check."""
+    timeout_s: float = 30.0
+    """Connect and read timeout; also the window ``min_rate_bytes_s`` is measured over."""
+    file_timeout_s: float = 300.0
+    """Each file (metadata or model) may take this plus its size at ``min_rate_bytes_s``."""
+    min_rate_bytes_s: int = 16 * 1024
+    """Slowest transfer kept going (16 KiB/s: a weak mobile link); slower ones are retried."""
+    retries: int = 5
+    """Further attempts after a transient failure, with backoff and jitter."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +302,9 @@ def _validate_hub(hub: HubSection) -> None:
     _positive(hub.poll_interval_s, "hub.poll_interval_s")
     _positive(hub.keep_versions, "hub.keep_versions", allow_zero=True)
     _positive(hub.disk_budget_mb, "hub.disk_budget_mb", allow_zero=True)
+    for key in ("timeout_s", "file_timeout_s", "min_rate_bytes_s"):
+        _positive(getattr(hub, key), f"hub.{key}")
+    _positive(hub.retries, "hub.retries", allow_zero=True)
 
 
 def _validate_mqtt(m: MqttSection) -> None:
