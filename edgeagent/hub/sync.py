@@ -128,7 +128,7 @@ class HubSync:
         self.store = ModelStore(state_dir / "hub", disk_usage)
         self.manager = manager
         self.chooser = chooser
-        self._fetcher = fetcher or HubFetcher()
+        self._fetcher = fetcher or HubFetcher.from_section(hub)
         self.client = HubClient(hub.url, trusted_root_path(hub, base_dir),
                                 self.store.metadata_dir, self._fetcher)
         self._on_step = on_step
