@@ -409,7 +409,7 @@ def parse_config(
         _validate(cfg)
     except ConfigError as exc:
         if source and not exc.source:
-            raise ConfigError(str(exc), exc.key_path, source) from None
+            raise ConfigError(exc.message, exc.key_path, source) from None
         raise
     return cfg
 

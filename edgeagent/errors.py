@@ -28,6 +28,8 @@ class ConfigError(EdgeAgentError):
     exit_code = 2
 
     def __init__(self, message: str, key_path: str = "", source: str = "") -> None:
+        self.message = message
+        """What is wrong, without the source and key path (to re-raise with a source)."""
         self.key_path = key_path
         self.source = source
         where = ""
