@@ -286,6 +286,7 @@ test_incomplete_and_slow_connections = _property("incomplete_connections", EXAMP
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 @pytest.mark.skipif(not os.environ.get("EDGEAGENT_LONG_PROPERTIES"),
                     reason="the long run: set EDGEAGENT_LONG_PROPERTIES=N (examples per kind)")
 def test_long_run(agent: AgentThread, client: httpx.Client) -> None:
