@@ -105,6 +105,7 @@ class _Watch:
         self.deadline = self.started + seconds
         self.window_start, self.window_bytes = self.started, have
         self.expired = False
+        self.cancelled = False
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -142,6 +143,13 @@ class _Watch:
         self._timer = timer
         timer.start()
 
+    def cut(self) -> None:
+        """End the transfer now (from another thread): as if its deadline had passed."""
+        with self._lock:
+            self.deadline = time.monotonic()
+            self.cancelled = True
+        self._fire()
+
     def _fire(self) -> None:
         with self._lock:
             if self._closed:
@@ -156,6 +164,9 @@ class _Watch:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
 
     def error(self, have: int, size: int) -> HubTransientError:
+        if self.cancelled:
+            return HubTransientError(f"{self.url}: cancelled (the agent is stopping); {have} of "
+                                     f"{size} bytes arrived, kept for resuming")
         return HubTransientError(
             f"{self.url}: not complete within its deadline ({self.seconds:.0f} s: "
             f"hub.file_timeout_s plus its size at hub.min_rate_bytes_s); {have} of {size} "
@@ -190,13 +201,14 @@ class HubFetcher(FetcherInterface):
         transport: An httpx transport (tests, Unix sockets); None = httpx's default.
         limits: Deadlines, minimum rate and retries; None = the defaults with ``timeout_s``
             and ``retries``.
-        sleep: Waits between attempts (tests pass a fake).
+        sleep: Waits between attempts (tests pass a fake); None = a wait that
+            :meth:`cancel` cuts short.
     """
 
     def __init__(self, timeout_s: float = 30.0, retries: int = 5,
                  transport: httpx.BaseTransport | None = None, *,
                  limits: TransferLimits | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None) -> None:
         self.limits = limits or TransferLimits(timeout_s=timeout_s, retries=retries)
         # No keep-alive: each transfer gets a connection of its own, whose socket the deadline
         # timer can shut down (a pooled one would be shared with the next transfer).
@@ -205,7 +217,10 @@ class HubFetcher(FetcherInterface):
                                     limits=httpx.Limits(max_keepalive_connections=0),
                                     headers={"User-Agent": f"edgeagent/{__version__}"})
         self._retries = self.limits.retries
-        self._sleep = sleep
+        self._cancelled = threading.Event()
+        self._sleep = sleep or self._wait
+        self._watches: set[_Watch] = set()
+        self._watches_lock = threading.Lock()
 
     @classmethod
     def from_section(cls, hub: HubSection,
@@ -215,6 +230,35 @@ class HubFetcher(FetcherInterface):
 
     def close(self) -> None:
         self._client.close()
+
+    def cancel(self) -> None:
+        """End what runs now and what follows, from any thread (at shutdown): waits between
+        attempts end at once, and transfers in progress are cut (their sockets shut down), each
+        raising :class:`~edgeagent.errors.HubTransientError`. What arrived stays for resuming."""
+        self._cancelled.set()
+        with self._watches_lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch.cut()
+
+    def _wait(self, seconds: float) -> None:
+        self._cancelled.wait(seconds)
+
+    def _check_cancelled(self, url: str) -> None:
+        if self._cancelled.is_set():
+            raise HubTransientError(f"{url}: cancelled (the agent is stopping)")
+
+    @contextlib.contextmanager
+    def _watching(self, url: str, seconds: float, have: int = 0) -> Iterator[_Watch]:
+        self._check_cancelled(url)
+        with _Watch(url, self.limits, seconds, have) as watch:
+            with self._watches_lock:
+                self._watches.add(watch)
+            try:
+                yield watch
+            finally:
+                with self._watches_lock:
+                    self._watches.discard(watch)
 
     # ---- ngclient interface -------------------------------------------------------------
 
@@ -240,7 +284,7 @@ class HubFetcher(FetcherInterface):
             except tuf_exc.DownloadError as exc:
                 error = exc
             attempt += 1
-            if attempt > self._retries:
+            if attempt > self._retries or self._cancelled.is_set():
                 raise error
             delay = self.limits.backoff(attempt)
             log.warning("hub metadata %s: %s; retrying in %.1f s (attempt %d of %d)",
@@ -250,7 +294,7 @@ class HubFetcher(FetcherInterface):
     def _get_all(self, url: str) -> bytes:
         # The size is not known before the headers: the deadline starts as a small file's
         # and is extended to the Content-Length's once it is known.
-        with _Watch(url, self.limits, self.limits.deadline_s(0)) as watch:
+        with self._watching(url, self.limits.deadline_s(0)) as watch:
             try:
                 with self._client.stream("GET", url, extensions={"trace": watch.trace}) as r:
                     if r.status_code != 200:
@@ -311,7 +355,8 @@ class HubFetcher(FetcherInterface):
             except HubTransientError as exc:
                 attempt += 1
                 delay = self.limits.backoff(attempt)
-                if attempt > self._retries or time.monotonic() + delay >= overall:
+                if (attempt > self._retries or time.monotonic() + delay >= overall
+                        or self._cancelled.is_set()):
                     raise
                 log.warning("download of %s interrupted (%s); resuming in %.1f s (attempt %d "
                             "of %d)", url, exc, delay, attempt, self._retries)
@@ -334,7 +379,7 @@ class HubFetcher(FetcherInterface):
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
         # This attempt's deadline is the whole call's, whichever attempt it is.
-        with _Watch(url, self.limits, max(0.0, deadline - time.monotonic()), have) as watch:
+        with self._watching(url, max(0.0, deadline - time.monotonic()), have) as watch:
             try:
                 with self._client.stream("GET", url, headers=headers,
                                          extensions={"trace": watch.trace}) as response:

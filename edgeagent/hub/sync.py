@@ -448,6 +448,7 @@ class HubSync:
 
     def close(self) -> None:
         """Release the transfers (blocking use, without :meth:`start`)."""
+        self._fetcher.cancel()  # a retry's wait or a slow transfer must not hold the shutdown
         self._pool.shutdown(wait=True)
         self._fetcher.close()
 

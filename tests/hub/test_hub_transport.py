@@ -254,3 +254,36 @@ def test_the_limits_come_from_the_hub_section() -> None:
     fetcher.close()
     defaults = TransferLimits.from_section(HubSection())
     assert defaults.deadline_s(1 << 30) > 12 * 3600  # a 1 GiB model at 16 KiB/s fits
+
+
+# ---- shutdown --------------------------------------------------------------------------------
+
+
+def test_cancel_ends_a_trickle_and_a_backoff_at_once(bad: BadHub, blob: tuple[Path, str],
+                                                     tmp_path: Path) -> None:
+    import threading
+    import time
+
+    # Limits under which each of these would take minutes: cancel() ends them promptly.
+    slow = TransferLimits(timeout_s=30, file_timeout_s=600, min_rate_bytes_s=1, retries=5,
+                          backoff_s=60)
+    for rule in (Misbehaviour(trickle=True, interval_s=0.05), Misbehaviour(errors=100)):
+        bad.rules["blob.bin"] = rule
+        fetcher = HubFetcher(limits=slow)
+        errors: list[BaseException] = []
+
+        def run(f: HubFetcher = fetcher, errors: list[BaseException] = errors) -> None:
+            try:
+                f.download(f"{bad.url}/blob.bin", tmp_path / "p", 200_000, blob[1])
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.5)  # under way: trickling, or waiting 30-60 s before its next attempt
+        fetcher.cancel()
+        worker.join(20)
+        assert not worker.is_alive(), "cancel() did not end the transfer"
+        fetcher.close()
+        assert len(errors) == 1 and isinstance(errors[0], HubTransientError), errors
+        assert not isinstance(errors[0], VerificationError)
