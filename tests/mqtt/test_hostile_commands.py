@@ -184,3 +184,37 @@ def test_edgeagent_error_is_the_refusal_class() -> None:
     from edgeagent.control.commands import CommandError
 
     assert issubclass(CommandError, EdgeAgentError)
+
+
+def test_a_flood_of_reported_requests_builds_few_and_publishes_the_last(
+        tmp_path: Path, broker: Broker, watch: Any) -> None:
+    from edgeagent.telemetry.reporter import Reporter
+    from edgeagent.telemetry.spool import Spool
+    from edgeagent.telemetry.topics import Topics
+
+    topics = Topics(PREFIX, "dev9")
+    w = watch(broker.port, [topics.reported])
+    builds, counter = [0], [0]
+
+    def reported() -> dict[str, Any]:
+        builds[0] += 1
+        return {"n": counter[0]}
+
+    async def go() -> None:
+        client = MqttClient(BrokerSettings("127.0.0.1", broker.port))
+        spool = Spool(tmp_path / "spool.sqlite3", 100, 1 << 20)
+        reporter = Reporter(client, spool, topics, interval_s=60, telemetry=dict,
+                            reported=reported, version="t")
+        await reporter.start()
+        await client.start()
+        await until(lambda: client.connected, "connected")
+        for i in range(1, 1001):  # a command flood: each one asks for the reported state
+            counter[0] = i
+            await reporter.publish_reported()
+        await until(lambda: (w.last("/reported") or {}).get("n") == 1000, "the last state")
+        await reporter.stop()
+        await client.stop()
+        spool.close()
+
+    run(go())
+    assert builds[0] < 20, builds[0]  # not one build per request
