@@ -197,7 +197,7 @@ class Agent:
             server_header=False,
             # httptools (C) parses ~20 % faster than h11; it bounds no request head of its own,
             # so the protocol class does (431; complete heads are checked by RequestGuard).
-            http=bounded_protocol(self.config.http.max_header_bytes),
+            http=bounded_protocol(self.config.http),
             timeout_graceful_shutdown=grace,
             **kwargs,
         )

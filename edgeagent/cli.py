@@ -65,10 +65,19 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from edgeagent.config import read_token
     from edgeagent.errors import ConfigError
 
     try:
         config = _load(args, warn=False)
+        # What `run` refuses at start-up beyond the file itself: a listen address reachable
+        # from other hosts without a token, a token file that is missing or too short.
+        try:
+            read_token(config)
+        except ConfigError as exc:
+            if exc.source:
+                raise
+            raise ConfigError(exc.message, exc.key_path, config.source) from None
     except ConfigError as exc:
         if not args.json:
             raise
@@ -303,11 +312,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below, not at exit
     except EdgeAgentError as exc:
         print(f"edgeagent: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgeagent status | head`): not an error of ours. Point stdout
+        # at /dev/null so the interpreter's last flush does not fail again (Python's own
+        # recipe, docs of the signal module), and exit as a tool killed by SIGPIPE does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
     return code
 
 

@@ -60,6 +60,17 @@ class HttpSection:
     max_request_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     max_tensor_elements: int = 64 * 1024 * 1024
+    max_bytes_elements: int = 1024 * 1024
+    """Elements one BYTES tensor may declare (each is a Python object on the box)."""
+    header_timeout_s: float = 10.0
+    """Seconds a request head may take to arrive in full (from its first byte, or from the
+    connection's opening); past it the connection is closed."""
+    body_timeout_s: float = 60.0
+    """Seconds a request body may take to arrive in full, once its head is in."""
+    keepalive_timeout_s: float = 5.0
+    """Seconds an idle keep-alive connection is kept open for a next request."""
+    max_connections: int = 4096
+    """Open connections at most; lowered at start-up to stay below the open-file limit."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,14 @@ class HubSection:
     """Previous versions kept on disk per model for instant rollback."""
     disk_budget_mb: int = 0
     """0 = no budget beyond the free space check."""
+    timeout_s: float = 30.0
+    """Connect and read timeout; also the window ``min_rate_bytes_s`` is measured over."""
+    file_timeout_s: float = 300.0
+    """Each file (metadata or model) may take this plus its size at ``min_rate_bytes_s``."""
+    min_rate_bytes_s: int = 16 * 1024
+    """Slowest transfer kept going (16 KiB/s: a weak mobile link); slower ones are retried."""
+    retries: int = 5
+    """Further attempts after a transient failure, with backoff and jitter."""
 
 
 @dataclass(frozen=True)
@@ -309,7 +328,9 @@ def _validate_agent_http(a: AgentSection, h: HttpSection) -> None:
         raise ConfigError("expected auto, text or json", "agent.log_format")
     _positive(a.shutdown_grace_s, "agent.shutdown_grace_s", allow_zero=True)
     _check_listen(h.listen)
-    for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements"):
+    for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements",
+                "max_bytes_elements", "header_timeout_s", "body_timeout_s",
+                "keepalive_timeout_s", "max_connections"):
         _positive(getattr(h, key), f"http.{key}")
 
 
@@ -325,6 +346,9 @@ def _validate_hub(hub: HubSection) -> None:
     _positive(hub.poll_interval_s, "hub.poll_interval_s")
     _positive(hub.keep_versions, "hub.keep_versions", allow_zero=True)
     _positive(hub.disk_budget_mb, "hub.disk_budget_mb", allow_zero=True)
+    for key in ("timeout_s", "file_timeout_s", "min_rate_bytes_s"):
+        _positive(getattr(hub, key), f"hub.{key}")
+    _positive(hub.retries, "hub.retries", allow_zero=True)
 
 
 def _validate_mqtt(m: MqttSection) -> None:
@@ -457,7 +481,7 @@ def parse_config(
             message = str(exc).removeprefix(f"{exc.key_path}: ")
             raise ConfigError(message, exc.key_path, from_env[exc.key_path]) from None
         if source and not exc.source:
-            raise ConfigError(str(exc), exc.key_path, source) from None
+            raise ConfigError(exc.message, exc.key_path, source) from None
         raise
     return cfg
 

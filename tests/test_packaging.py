@@ -23,8 +23,9 @@ else:  # pragma: no cover
 def test_public_api_is_pinned() -> None:
     assert sorted(edgeagent.__all__) == [
         "AgentConfig", "BackendUnavailable", "ConfigError", "EdgeAgentError", "HubError",
-        "InferenceError", "InferenceInputError", "ModelError", "ModelNotFound", "ModelNotReady",
-        "Overloaded", "ProfileError", "VerificationError", "__version__", "load_config",
+        "HubTransientError", "InferenceError", "InferenceInputError", "ModelError",
+        "ModelNotFound", "ModelNotReady", "Overloaded", "ProfileError", "VerificationError",
+        "__version__", "load_config",
     ]
     for name in edgeagent.__all__:
         assert hasattr(edgeagent, name)

@@ -26,6 +26,7 @@ from edgeagent.api.codec import parse_json
 from edgeagent.api.dataplane import DataPlane
 from edgeagent.api.errors import (
     BadRequest,
+    ErrorBoundary,
     handle_edgeagent_error,
     handle_http_exception,
     handle_unexpected,
@@ -226,8 +227,9 @@ def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[
 def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
     """The ASGI application serving the local API on ``services``.
 
-    Every request passes the :class:`RequestGuard` (header size, token); inference requests
-    then take the fast path to :class:`InferEndpoint`, the rest go through Starlette.
+    Every request passes the :class:`ErrorBoundary` (any unexpected exception: one 500, one
+    log line) and the :class:`RequestGuard` (header size, token); inference requests then take
+    the fast path to :class:`InferEndpoint`, the rest go through Starlette.
 
     Args:
         services: What the handlers call.
@@ -276,6 +278,6 @@ def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
                             HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
     )
-    return RequestGuard(infer_fast_path(app, infer), token=services.token,
-                        max_header_bytes=services.config.http.max_header_bytes,
-                        trusted=trusted)
+    return ErrorBoundary(RequestGuard(infer_fast_path(app, infer), token=services.token,
+                                      max_header_bytes=services.config.http.max_header_bytes,
+                                      trusted=trusted))

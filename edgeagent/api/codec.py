@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,23 @@ _SIMD_BUFFER: dict[str, Literal["d", "i", "u"]] = {
     **{f"UINT{b}": "u" for b in (8, 16, 32, 64)},
 }
 _SIMD_DTYPE = {"d": np.float64, "i": np.int64, "u": np.uint64}
+
+#: Most dimensions a tensor may declare: numpy 1's limit (numpy 2 takes 64), so a shape that
+#: passes here can always be built; no model edgeagent serves comes near it.
+MAX_DIMS = 32
+
+#: Most nesting levels a JSON document may have: orjson's own limit. The stdlib parser (only
+#: for what orjson refuses: NaN literals, integers beyond 64 bits) stops at Python's recursion
+#: limit, near the same depth; either way the request gets a 400.
+MAX_JSON_DEPTH = 1024
+
+#: Default for ``http.max_bytes_elements``: BYTES elements one tensor may declare. Each one is a
+#: Python object (about 40 bytes beyond its data), so this bounds what a small body can make the
+#: agent allocate; text and image-bytes inputs hold a handful of elements.
+MAX_BYTES_ELEMENTS = 1 << 20
+
+#: ``\uD800``-``\uDFFF`` escapes: the only way a lone surrogate gets into a parsed document.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -116,9 +134,11 @@ def header_length(value: str | None, body_size: int) -> int | None:
     if value is None:
         return None
     try:
+        if not value.isascii() or len(value) > 20:
+            raise ValueError(value)  # int() takes other scripts' digits and 4,300 of them
         n = int(value)
     except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value[:40]!r}") from None
     if not 0 <= n <= body_size:
         raise BadRequest(
             f"{HEADER_LENGTH} is {n}, but the body has {body_size} bytes "
@@ -132,19 +152,51 @@ def parse_json(data: bytes | bytearray | memoryview, what: str = "request body")
 
     What orjson refuses is parsed again by the stdlib, so the same documents are accepted as
     ever (``NaN``/``Infinity`` literals, integers beyond 64 bits) and errors read the same.
+    Either parser's limits are a 400 too: nesting deeper than :data:`MAX_JSON_DEPTH`, integers
+    of more than 4,300 digits (Python's limit), strings holding a lone surrogate (not text).
     """
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # the stdlib would only recurse as deep, or crash
+            raise BadRequest(f"the {what} is not valid JSON: nested more than "
+                             f"{MAX_JSON_DEPTH} levels deep") from None
+    raw = bytes(data)
     try:
-        return json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"the {what} is not valid JSON: nested too deeply (at most "
+                         f"{MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
         raise BadRequest(f"the {what} is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(doc):
+        raise BadRequest(f"the {what} is not valid JSON: a string holds a lone surrogate "
+                         "(\\uD800-\\uDFFF without its pair), which is not valid UTF-8 text")
+    return doc
+
+
+def _holds_lone_surrogate(doc: Any) -> bool:
+    """Whether any string (key or value) of a parsed document cannot be encoded as UTF-8."""
+    stack = [doc]
+    while stack:  # iterative: the document may be nested up to the parser's limit
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def decode_request(body: bytes | bytearray, header_size: int | None,
-                   max_elements: int) -> InferRequest:
+                   max_elements: int, *,
+                   max_bytes_elements: int = MAX_BYTES_ELEMENTS) -> InferRequest:
     """Decode an inference request body into numpy arrays.
 
     Args:
@@ -152,6 +204,8 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
         header_size: ``Inference-Header-Content-Length`` (already checked by
             :func:`header_length`), or ``None`` when the whole body is JSON.
         max_elements: Most elements any one tensor may declare (``http.max_tensor_elements``).
+        max_bytes_elements: Most elements a BYTES tensor may declare
+            (``http.max_bytes_elements``).
 
     Returns:
         The request, its binary inputs being views of ``body``.
@@ -159,7 +213,11 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
     Raises:
         BadRequest: malformed JSON, missing or mistyped fields, data that does not match the
             declared shape, binary sizes that do not add up.
-        PayloadTooLarge: a tensor declares more than ``max_elements`` elements.
+        PayloadTooLarge: a tensor declares more than ``max_elements`` elements (a BYTES one
+            more than ``max_bytes_elements``), or a dimension larger than ``max_elements``.
+
+    Every count is checked against the limits and the body's size before anything is
+    allocated for it; nothing here raises but these two classes.
     """
     view = memoryview(body)
     if header_size is None:
@@ -184,7 +242,8 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
     shm_inputs: dict[str, ShmInput] = {}
     offset = 0
     for i, tensor in enumerate(raw_inputs):
-        name, arr, used = _decode_input(tensor, i, binary[offset:], max_elements)
+        name, arr, used = _decode_input(tensor, i, binary[offset:], max_elements,
+                                        max_bytes_elements)
         if name in inputs or name in shm_inputs:
             raise BadRequest(f"input {name!r} is given twice")
         if isinstance(arr, ShmInput):
@@ -212,17 +271,19 @@ def _parse_large(body: bytes | bytearray) -> dict[str, Any] | None:
         return None
     try:
         doc = simdjson.Parser().parse(body)  # a parser per call: decoding runs on many threads
-    except ValueError:  # malformed, or what orjson or the stdlib take and simdjson does not
+        if not isinstance(doc, simdjson.Object):
+            return None
+        header: dict[str, Any] = {}
+        for key in doc.keys():  # noqa: SIM118 - a simdjson Object is iterated by keys()
+            value = doc[key]
+            if key == "inputs" and isinstance(value, simdjson.Array):
+                header[key] = [_simd_input(t) for t in value]
+            else:
+                header[key] = _simd_python(value)
+    # ValueError: malformed, or what orjson or the stdlib take and simdjson does not;
+    # RuntimeError: simdjson's limits (depth, integers beyond 64 bits).
+    except (ValueError, RuntimeError):
         return None
-    if not isinstance(doc, simdjson.Object):
-        return None
-    header: dict[str, Any] = {}
-    for key in doc.keys():  # noqa: SIM118 - a simdjson Object is iterated by keys()
-        value = doc[key]
-        if key == "inputs" and isinstance(value, simdjson.Array):
-            header[key] = [_simd_input(t) for t in value]
-        else:
-            header[key] = _simd_python(value)
     return header
 
 
@@ -240,12 +301,14 @@ def _simd_input(tensor: Any) -> Any:
     out = {k: _simd_python(tensor[k]) for k in tensor.keys() if k != "data"}  # noqa: SIM118
     if "data" in tensor:
         data = tensor["data"]
-        kind = _SIMD_BUFFER.get(out.get("datatype"))  # type: ignore[arg-type]
+        datatype = out.get("datatype")
+        kind = _SIMD_BUFFER.get(datatype) if isinstance(datatype, str) else None
         flat = None
         if kind is not None and isinstance(data, simdjson.Array):
             try:
                 flat = np.frombuffer(data.as_buffer(of_type=kind), dtype=_SIMD_DTYPE[kind])
-            except (TypeError, ValueError):  # not all numbers of that kind (or out of range)
+            # not all numbers of that kind, out of range, or nested past simdjson's limits
+            except (TypeError, ValueError, RuntimeError):
                 flat = None
             if flat is not None and flat.size != len(data):
                 flat = None  # nested lists: numpy's own conversion checks them
@@ -288,8 +351,9 @@ def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
     return tuple(out)
 
 
-def _decode_input(tensor: Any, index: int, binary: memoryview,  # noqa: PLR0912 - a rule a branch
-                  max_elements: int) -> tuple[str, np.ndarray | ShmInput, int]:
+def _decode_input(tensor: Any, index: int, binary: memoryview,
+                  max_elements: int, max_bytes_elements: int,
+                  ) -> tuple[str, np.ndarray | ShmInput, int]:
     """One input: its name, its array, and how many bytes of ``binary`` it used."""
     if not isinstance(tensor, dict):
         raise BadRequest(f"inputs[{index}] must be a JSON object")
@@ -302,14 +366,10 @@ def _decode_input(tensor: Any, index: int, binary: memoryview,  # noqa: PLR0912 
     if datatype not in DATATYPE_TO_NUMPY:
         raise BadRequest(f"input {name!r}: unknown datatype {datatype!r} "
                          f"(known: {', '.join(DATATYPE_TO_NUMPY)})")
-    shape = tensor.get("shape")
-    if (not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
-                              f"http.max_tensor_elements ({max_elements})")
+    shape, count = _check_shape(tensor.get("shape"), name, max_elements)
+    if datatype == "BYTES" and count > max_bytes_elements:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} BYTES elements, more "
+                              f"than http.max_bytes_elements ({max_bytes_elements})")
     params = _mapping(tensor, "parameters", f"input {name!r}")
     ref = shm_ref(params, f"input {name!r}")
     if ref is not None:
@@ -331,6 +391,30 @@ def _decode_input(tensor: Any, index: int, binary: memoryview,  # noqa: PLR0912 
     return name, _from_binary(binary[:size], name, datatype, shape, count), size
 
 
+def _check_shape(shape: Any, name: str, max_elements: int) -> tuple[list[int], int]:
+    """A declared shape and its element count, checked before anything is allocated for it.
+
+    A dimension larger than ``max_elements`` is refused even when another one is 0: numpy
+    could not build such an array, and no model takes one.
+    """
+    if not isinstance(shape, list):
+        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"input {name!r}: 'shape' has {len(shape)} dimensions, more than "
+                         f"{MAX_DIMS}")
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        if d > max_elements:
+            raise PayloadTooLarge(f"input {name!r}: shape dimension {str(d)[:40]} is larger "
+                                  f"than http.max_tensor_elements ({max_elements})")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
+                              f"http.max_tensor_elements ({max_elements})")
+    return shape, count
+
+
 def _from_binary(buf: memoryview, name: str, datatype: str, shape: list[int],
                  count: int) -> np.ndarray:
     if datatype == "BYTES":
@@ -343,6 +427,9 @@ def _from_binary(buf: memoryview, name: str, datatype: str, shape: list[int],
 
 
 def _bytes_from_binary(buf: memoryview, name: str, count: int) -> np.ndarray:
+    if count * _LENGTH.size > len(buf):  # checked before the array of count objects exists
+        raise BadRequest(f"input {name!r}: {count} BYTES elements take at least 4 bytes each "
+                         f"({count * _LENGTH.size} bytes), but the input has {len(buf)}")
     out = np.empty(count, dtype=object)
     pos, end = 0, len(buf)
     for i in range(count):
@@ -414,7 +501,10 @@ def _bytes_from_json(data: list[Any], name: str, shape: list[int], count: int) -
         if not isinstance(item, str):
             raise BadRequest(f"input {name!r}: BYTES data in JSON must be strings, "
                              f"element {i} is {type(item).__name__}")
-        out[i] = item.encode()
+        try:
+            out[i] = item.encode()
+        except UnicodeEncodeError:  # a lone surrogate (parse_json refuses them already)
+            raise BadRequest(f"input {name!r}: element {i} is not valid UTF-8 text") from None
     return out.reshape(shape)
 
 

@@ -29,7 +29,6 @@ from edgeagent.api.errors import (
     BadRequest,
     PayloadTooLarge,
     error_response,
-    unexpected_response,
 )
 from edgeagent.errors import EdgeAgentError, ModelNotFound
 
@@ -42,6 +41,9 @@ T = TypeVar("T")
 #: Bodies (and outputs) above this size are decoded (encoded) in a worker thread, so one large
 #: request never stalls the event loop; smaller ones are cheaper to handle inline.
 OFFLOAD_BYTES = 1 << 20
+
+#: Digits a version in a path may have: more than any version (an int64) can.
+_VERSION_DIGITS = 19
 
 #: The two infer routes, with Starlette's ``{param}`` semantics (one path segment each).
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
@@ -64,8 +66,11 @@ async def receive_body(receive: Receive, content_length: bytes | str | None,
     if content_length is not None:
         text = (content_length.decode("latin-1") if isinstance(content_length, bytes)
                 else content_length)
-        if not text.isdigit():
-            raise BadRequest(f"Content-Length must be a number of bytes, got {text!r}")
+        if not (text.isascii() and text.isdigit()):  # isdigit() alone takes other scripts'
+            raise BadRequest(f"Content-Length must be a number of bytes, got {text[:40]!r}")
+        if len(text) > 19:  # int() refuses 4,300 digits and more; this is over any limit
+            raise PayloadTooLarge(f"the body is {text[:20]}... bytes, more than "
+                                  f"http.max_request_bytes ({limit})")
         declared = int(text)
         if declared > limit:
             raise PayloadTooLarge(f"the body is {declared} bytes, more than "
@@ -96,12 +101,16 @@ def parse_version(name: str, raw: str | None) -> int | None:
     """The ``{version}`` of a model path, or ``None`` when the path names none.
 
     Raises:
-        ModelNotFound: not a positive integer (no such version can exist).
+        ModelNotFound: not a positive integer in ASCII digits, or one of more digits than any
+            version has (no such version can exist).
     """
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise ModelNotFound(f"model {name!r} has no version {raw!r} "
+    # isdigit() alone takes other scripts' digits (and superscripts, which int() refuses);
+    # int() refuses more than 4,300 digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > _VERSION_DIGITS:
+        shown = raw if len(raw) <= 40 else f"{raw[:40]}..."
+        raise ModelNotFound(f"model {name!r} has no version {shown!r} "
                             "(versions are positive integers)")
     return int(raw)
 
@@ -132,10 +141,8 @@ class InferEndpoint:
         except EdgeAgentError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        except Exception as exc:
-            log.exception("inference request to model %s failed", name)
-            await unexpected_response(exc)(scope, receive, send)
-            return
+        # Anything else is a bug: the transport's boundary (api.errors.ErrorBoundary) answers
+        # 500 and logs it once, with the request id.
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -164,7 +171,9 @@ class InferEndpoint:
             req = raw_binary_request(self.s.manager.get(name, version), body,
                                      http.max_tensor_elements)
         else:
-            req = await _offload(len(body), decode_request, body, size, http.max_tensor_elements)
+            req = await _offload(len(body), functools.partial(
+                decode_request, max_bytes_elements=http.max_bytes_elements),
+                body, size, http.max_tensor_elements)
         mv, outputs = await self.plane.infer(name, version, req.call())
         out_size = sum(a.nbytes for a in outputs.values())
         enc = await _offload(out_size, encode_response, name, mv.version, req, outputs)

@@ -80,6 +80,8 @@ Restart=on-failure
 RestartSec=5
 # Exit status 2 is a bad configuration: restarting will not fix it.
 RestartPreventExitStatus=2
+# Open files: http.max_connections (4096) stays below this, with room for models and sockets.
+LimitNOFILE=65536
 # Pings stop when the event loop or an inference worker is stuck; systemd then restarts us.
 WatchdogSec={WATCHDOG_SEC}
 # Loading a model may build a TensorRT engine first, which takes minutes on small boards.
