@@ -68,7 +68,7 @@ def test_unit_directives() -> None:
     assert d["RemoveIPC"] == "yes"
     assert d["CacheDirectory"] == "edgeagent"
     assert d["Documentation"].startswith("https://")
-    assert "LimitNOFILE" not in d  # issue 13 adds it
+    assert d["LimitNOFILE"] == "65536"  # the connection cap stays below it
 
 
 def test_documentation_is_the_projects() -> None:
