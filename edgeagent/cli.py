@@ -213,10 +213,9 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     from edgeagent.hub.commands import add_hub_commands
 
     add_hub_commands(add)
-    from edgeagent.control.fleet import add_fleet_parser
+    from edgeagent.fleet.cli import add_fleet_parser
 
-    add_fleet_parser(sub, "configuration file for [mqtt] credentials (default "
-                          "/etc/edgeagent/agent.toml, or $EDGEAGENT_CONFIG)")
+    add_fleet_parser(sub)
     return parser
 
 
