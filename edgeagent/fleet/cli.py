@@ -53,6 +53,9 @@ class Client:
                 raise ConfigError(f"cannot read the API token {cfg.token_path}: "
                                   f"{exc.strerror} (give --token-file or "
                                   "EDGEAGENT_FLEET_TOKEN)", "api.token_file") from exc
+        if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
+            raise ConfigError("the API token must be one line of printable characters",
+                              "--token-file")
         self.url = url.rstrip("/")
         self._httpx = httpx
         self._client = httpx.Client(base_url=self.url, timeout=30.0,

@@ -101,7 +101,11 @@ def test_offline_and_silent_devices(mosquitto: Any, controllers: Any, sims: Any)
     sim.call(lambda: sim.sim.drop(gone))
     until(lambda: c.get("/v1/fleet/status")["inventory"]["by_state"].get("offline") == 3,
           "3 devices offline (their last will)")
-    r = start_rollout(c, 2, waves="100%", max_failures="25%")
+    # Fleet-wide: silent devices never said which groups they are in.
+    status, r = c.api("POST", "/v1/fleet/rollouts", {"model": "mlp", "version": 2,
+                                                     "fleet": True, "waves": "100%",
+                                                     "max_failures": "30%"})
+    assert status == 201, r
     code, out = c.cli("rollout", "show", r["rollout_id"], "--wait", "--json")
     final = json.loads(out)
     assert code == 1, out  # done, but not everywhere: not a success
