@@ -283,7 +283,7 @@ class DeviceConnection(asyncio.Protocol):
         self.sim = sim
         self.dev = dev
         self.silent = silent
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
         self.buf = bytearray()
         self.pid = 0
         self.connected = asyncio.get_running_loop().create_future()
@@ -294,13 +294,12 @@ class DeviceConnection(asyncio.Protocol):
 
     # -- wire ----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         will = orjson.dumps(self.dev.status("offline", time.time()))
         flags = 0x02 | 0x04 | 0x08 | 0x20  # clean session, will (QoS 1, retained)
         body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", 0)
         body += _str(self.dev.device_id) + _str(f"{self.dev.base}/status") + _str(will)
-        transport.write(_packet(0x10, body))
+        self.transport.write(_packet(0x10, body))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -354,7 +353,6 @@ class DeviceConnection(asyncio.Protocol):
             if qos:
                 pid = body[at:at + 2]
                 at += 2
-                assert self.transport is not None
                 self.transport.write(b"\x40\x02" + pid)
             self.sim.received += 1
             if not self.silent:
@@ -362,7 +360,6 @@ class DeviceConnection(asyncio.Protocol):
                 self.sim.changed(self)
 
     def _online(self) -> None:
-        assert self.transport is not None
         subs = b"".join(_str(t) + b"\x01" for t in self.dev.subscriptions())
         if not self.silent:
             self.transport.write(_packet(0x82, struct.pack("!H", self._next_pid()) + subs))
@@ -413,6 +410,7 @@ class FleetSim:
     def __init__(self, broker_url: str, n: int, *, prefix: str = "edgeagent",
                  groups: int = 1, models: dict[str, int] | None = None,
                  activation_s: float = 0.5, failing: float = 0.0, silent: float = 0.0,
+                 fail_versions: set[int] | None = None,
                  reported_interval_s: float = 300.0, telemetry_interval_s: float = 0.0,
                  id_format: str = "sim-{:06d}", seed: int = 1) -> None:
         parts = urlsplit(broker_url)
@@ -434,7 +432,9 @@ class FleetSim:
             self._specs.append((SimDevice(
                 device_id, [f"g{i % groups}"] if groups > 1 else ["sim"],
                 dict(models or {"mlp": 1}), prefix,
-                fails=(lambda _m, _v, f=fails: f)), fraction_of(device_id, "silent") < silent))
+                fails=(lambda _m, v, f=fails: f and (fail_versions is None
+                                                     or v in fail_versions))),
+                fraction_of(device_id, "silent") < silent))
 
     @property
     def devices(self) -> list[SimDevice]:

@@ -74,8 +74,7 @@ class FleetController:
         self.store = store or open_store(config.database_url)
         self.broker = FleetBroker(config.broker)
         self.engine = RolloutEngine(config, self.store, self.broker)
-        self.ingest = Ingest(self.broker, self.store, config.inventory.max_message_bytes,
-                             on_batch=self._batch_written)
+        self.ingest = Ingest(self.broker, self.store, config.inventory.max_message_bytes)
         self.started = time.time()
         self.catchup: dict[str, Any] = {"state": "waiting", "devices": 0, "batches_ok": 0}
         self._stop_threads = threading.Event()
@@ -83,11 +82,6 @@ class FleetController:
         self._tasks: list[asyncio.Task[None]] = []
         self._catchup_thread: threading.Thread | None = None
         self._seen_connects = 0
-
-    def _batch_written(self) -> None:
-        loop = self._loop
-        if loop is not None and self.engine.leading:
-            loop.call_soon_threadsafe(self.engine.kick)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

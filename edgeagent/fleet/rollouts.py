@@ -12,11 +12,12 @@ crash changes nothing on a device.
 Per member, at a given moment (in this order):
 
 - ``applied``, ``failed``, ``held``, ``reverted``: as the device reports it;
-- ``untouched``: outside the current share (or never switched before an abort);
+- ``untouched``: outside the current share (or, once aborted, never switched);
 - ``not_reached``: in the share, no answer, and not seen online within
   ``inventory.offline_after_s``: neither counts against the wave nor holds it up;
 - ``no_answer``: online but silent past the wave's deadline: counts against the threshold;
-- ``pending``: in the share, online, no answer yet: the wave waits for these.
+- ``pending``: in the share, online, no answer yet: the wave waits for these (once aborted:
+  still on its way back to its base).
 
 The wave ends when nothing is pending. Failures (``failed`` + ``no_answer``) above
 ``max_failures`` percent of the reachable members in the share abort the rollout the moment
@@ -84,7 +85,8 @@ def classify(outcome: str, in_share: bool, reachable: bool, late: bool, aborted:
     if not reachable:
         return "not_reached"
     if aborted:
-        return "untouched"
+        # Still on its way back ("pending"), or it never switched.
+        return "pending" if outcome == "pending" else "untouched"
     return "no_answer" if late else "pending"
 
 
@@ -413,7 +415,7 @@ class RolloutEngine:
         wave = waves[r["wave"]] if r["wave"] < len(waves) else None
         if r["phase"] == "reverting":
             # Done reverting when no reachable member still runs the version (or the deadline).
-            still = t.total["applied"]
+            still = t.total["applied"] + t.total["pending"]
             if still == 0 or (wave is not None and now > wave["deadline"]):
                 self.store.update_rollout(rollout_id, "reverting", phase="aborted",
                                           finished=now, updated=now)
