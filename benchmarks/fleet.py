@@ -62,7 +62,12 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def note(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def wait(predicate: Any, timeout: float, what: str, every: float = 0.1) -> float:
+    note(f"waiting for {what}")
     t0 = time.time()
     while not predicate():
         if time.time() - t0 > timeout:

@@ -76,12 +76,12 @@ class FleetBroker:
     # -- live stream ---------------------------------------------------------------------------
     def shared_filters(self) -> list[tuple[str, SubscribeOptions]]:
         g, p = self.section.share_group, self.prefix
-        return [(f"$share/{g}/{p}/+/status", SubscribeOptions(qos=1)),
-                (f"$share/{g}/{p}/+/reported", SubscribeOptions(qos=1)),
-                (f"$share/{g}/{p}/+/cmd/+/result", SubscribeOptions(qos=1)),
-                # Telemetry is for the console's window: QoS 0 keeps it out of the broker's
-                # in-flight window, which the state messages need.
-                (f"$share/{g}/{p}/+/telemetry", SubscribeOptions(qos=0))]
+        # QoS 0 on the last hop: a broker sends QoS 0 at once, outside the per-client window
+        # of 20 in flight and 1,000 queued that QoS 1 is held to, so 10,000 devices connecting
+        # together are delivered, not dropped. What a QoS 0 hop can lose is what a dropped
+        # connection loses, and the catch-up after every reconnect asks for it again.
+        return [(f"$share/{g}/{p}/+/{kind}", SubscribeOptions(qos=0))
+                for kind in ("status", "reported", "cmd/+/result", "telemetry")]
 
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: ReasonCode,
                     _p: Any) -> None:
@@ -89,7 +89,7 @@ class FleetBroker:
             self.last_error = f"the broker refused the connection: {reason}"
             log.warning("MQTT %s: %s", self.settings.address, self.last_error)
             return
-        client.subscribe([*self.shared_filters(), (self._marker_topic, SubscribeOptions(qos=1))])
+        client.subscribe([*self.shared_filters(), (self._marker_topic, SubscribeOptions(qos=0))])
         self.connects += 1
         self.last_error = ""
         self.connected.set()
@@ -167,8 +167,9 @@ class FleetBroker:
             token = uuid.uuid4().hex
             mark = self._marks[token] = threading.Event()
             try:
-                self._client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
-                self._client.publish(self._marker_topic, token.encode(), qos=1)
+                # QoS 0 like the live stream, and the marker too, so it stays behind them.
+                self._client.subscribe([(t, SubscribeOptions(qos=0)) for t in topics])
+                self._client.publish(self._marker_topic, token.encode(), qos=0)
                 if mark.wait(CATCHUP_BATCH_TIMEOUT_S):
                     done += 1
                 else:

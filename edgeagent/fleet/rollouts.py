@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -46,6 +47,13 @@ from edgeagent.fleet.store import Store, StoreError
 from edgeagent.telemetry.topics import NAME_RE, fleet_rollout, group_rollout
 
 log = logging.getLogger(__name__)
+
+#: Seconds a wave may wait on devices before the leader asks the broker for their retained
+#: ``reported`` (paced, as the start-up catch-up): a burst the broker dropped on its way to the
+#: controller then costs seconds, not the devices' next periodic announcement.
+REFRESH_AFTER_S = 5.0
+#: Most devices one refresh asks for.
+REFRESH_MAX = 2000
 
 CATEGORIES = ("applied", "failed", "reverted", "held", "pending", "no_answer", "not_reached",
               "untouched")
@@ -171,6 +179,10 @@ class RolloutEngine:
         self.lease_s = max(10.0, config.rollouts.tick_s * 20)
         self.leading: set[str] = set()
         self.publishes = 0
+        self.refreshes = 0
+        self._refreshed: dict[str, float] = {}
+        self._refresh_thread: threading.Thread | None = None
+        self._stop_refresh = threading.Event()
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -361,6 +373,9 @@ class RolloutEngine:
     async def stop(self) -> None:
         self._stop.set()
         self._kick.set()
+        self._stop_refresh.set()
+        if self._refresh_thread is not None:
+            await asyncio.to_thread(self._refresh_thread.join, 20)
         for name in list(self.leading):
             await asyncio.to_thread(self.store.release, name, self.owner)
         self.leading.clear()
@@ -392,6 +407,7 @@ class RolloutEngine:
         if decided is None:
             return
         r = decided
+        await asyncio.to_thread(self._maybe_refresh, r, now)
         if r["published"] != self._published_key(r) and self.broker is not None:
             doc = RolloutDoc(r["rollout_id"], r["model"], int(r["version"]),
                              r["threshold"] / 100, r["doc_state"], now)
@@ -403,6 +419,34 @@ class RolloutEngine:
                                     publishes=int(r["publishes"]) + 1)
             log.info("rollout %s: published share %g %% state %s", rollout_id,
                      r["threshold"] / 100, r["doc_state"])
+
+    def _maybe_refresh(self, r: dict[str, Any], now: float) -> None:
+        """Ask again for the retained ``reported`` of the devices a wave has waited on for a
+        while (in a thread of its own, paced like the start-up catch-up)."""
+        if self.broker is None or r["phase"] not in ("running", "reverting"):
+            return
+        rid = r["rollout_id"]
+        if now - self._refreshed.get(rid, 0.0) < REFRESH_AFTER_S or now - r["updated"] < \
+                REFRESH_AFTER_S:
+            return
+        if self._refresh_thread is not None and self._refresh_thread.is_alive():
+            return
+        done = ("applied", "failed", "held", "reverted") if r["phase"] == "running" else \
+            ("reverted", "base", "failed", "held")
+        ids = self.store.pending_members(rid, int(r["threshold"]),
+                                         now - self.config.inventory.offline_after_s, done,
+                                         REFRESH_MAX)
+        self._refreshed[rid] = now
+        if not ids:
+            return
+        self.refreshes += 1
+        log.info("rollout %s: asking for the retained state of %d devices it waits on", rid,
+                 len(ids))
+        broker = self.broker
+        self._refresh_thread = threading.Thread(
+            target=broker.catch_up, args=(ids, self._stop_refresh), name="fleet-refresh",
+            daemon=True)
+        self._refresh_thread.start()
 
     def _decide(  # noqa: PLR0911 - one return per phase decision
             self, rollout_id: str, now: float) -> dict[str, Any] | None:

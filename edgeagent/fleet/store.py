@@ -205,9 +205,9 @@ class Store(ABC):
                 status_rows.append((s["state"], s["ts"], s["version"], device_id))
             if u.reported is not None:
                 r = u.reported
-                tags = [t for t in r.get("tags", []) if isinstance(t, str)][:64]
+                tags = list(dict.fromkeys(t for t in r.get("tags", []) if isinstance(t, str)))[:64]
                 tag_del.append((device_id,))
-                tag_rows.extend((t, device_id, i) for i, t in enumerate(dict.fromkeys(tags)))
+                tag_rows.extend((t, device_id, i) for i, t in enumerate(tags))
                 models = _dict(r.get("models"))
                 errors = []
                 model_del.append((device_id,))
@@ -536,6 +536,19 @@ class Store(ABC):
             "WHERE m.rollout_id = ? GROUP BY 1, 2, 3, 4, 5", (reachable_after, rollout_id))
         return [(int(b), str(o), bool(re), bool(la), bool(rv), int(n))
                 for b, o, re, la, rv, n in rows]
+
+    def pending_members(self, rollout_id: str, threshold: int, reachable_after: float,
+                        done: tuple[str, ...], limit: int) -> list[str]:
+        """Reachable in-share members whose reported outcome is not one of ``done`` (the
+        devices a wave still waits for)."""
+        marks = ", ".join("?" * len(done))
+        sql = ("SELECT m.device_id FROM rollout_members m JOIN devices d ON "  # noqa: S608
+               "d.device_id = m.device_id LEFT JOIN device_rollouts o ON o.rollout_id = "
+               "m.rollout_id AND o.device_id = m.device_id WHERE m.rollout_id = ? AND "
+               "m.bucket < ? AND m.late = 0 AND d.state = 'online' AND d.last_seen >= ? AND "
+               f"(o.outcome IS NULL OR o.outcome NOT IN ({marks})) LIMIT ?")
+        return [r[0] for r in self._rows(sql, (rollout_id, threshold, reachable_after, *done,
+                                               limit))]
 
     def mark_late(self, rollout_id: str, threshold: int, reachable_after: float) -> int:
         """Mark the in-share members still without an answer as late (the wave's deadline
