@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from edgeagent.errors import ConfigError, EdgeAgentError
 
 SCHEMA_VERSION = 1
@@ -139,8 +141,12 @@ class Store(ABC):
 
     placeholder = "?"
 
-    def __init__(self) -> None:
+    def __init__(self, single_writer: bool = False) -> None:
         self._lock = threading.RLock()
+        #: What this writer last wrote per device (tags and models) and per device and
+        #: rollout (the outcome); only where no other process writes the same rows.
+        self._written: dict[str, Any] | None = {} if single_writer else None
+        self._outcomes: dict[tuple[str, str], Any] | None = {} if single_writer else None
 
     # -- back-end specifics ----------------------------------------------------------------
     @abstractmethod
@@ -198,6 +204,8 @@ class Store(ABC):
         rollout_rows: list[tuple[Any, ...]] = []
         telemetry_rows: list[tuple[Any, ...]] = []
         result_rows: list[tuple[Any, ...]] = []
+        new_written: dict[str, Any] = {}
+        new_outcomes: dict[tuple[str, str], Any] = {}
         for device_id, u in batch.devices.items():
             seen_rows.append((device_id, u.seen, u.seen))
             if u.status is not None:
@@ -206,20 +214,27 @@ class Store(ABC):
             if u.reported is not None:
                 r = u.reported
                 tags = list(dict.fromkeys(t for t in r.get("tags", []) if isinstance(t, str)))[:64]
-                tag_del.append((device_id,))
-                tag_rows.extend((t, device_id, i) for i, t in enumerate(tags))
                 models = _dict(r.get("models"))
                 errors = []
-                model_del.append((device_id,))
+                rows = []
                 for name, m in list(models.items())[:256]:
                     if not isinstance(m, dict):
                         continue
                     err = _text(m.get("last_error"))
                     if err:
                         errors.append(f"{name}: {err}")
-                    model_rows.append((device_id, str(name)[:128], _int_or_none(m.get("version")),
-                                       _text(m.get("state"), 32), _text(m.get("source"), 200),
-                                       _text(m.get("source_kind"), 32), err))
+                    rows.append((device_id, str(name)[:128], _int_or_none(m.get("version")),
+                                 _text(m.get("state"), 32), _text(m.get("source"), 200),
+                                 _text(m.get("source_kind"), 32), err))
+                derived = (tuple(tags), tuple(rows))
+                # Most re-announcements change nothing: rewrite the derived rows only when
+                # they differ from what this writer last wrote (single-writer back-ends).
+                if self._written is None or self._written.get(device_id) != derived:
+                    tag_del.append((device_id,))
+                    tag_rows.extend((t, device_id, i) for i, t in enumerate(tags))
+                    model_del.append((device_id,))
+                    model_rows.extend(rows)
+                    new_written[device_id] = derived
                 desired = _dict(r.get("desired"))
                 if desired.get("state") in ("refused", "failed") and desired.get("error"):
                     errors.insert(0, f"desired: {_text(desired['error'])}")
@@ -227,15 +242,19 @@ class Store(ABC):
                 raw_ts = r.get("ts")
                 ts = float(raw_ts) if isinstance(raw_ts, int | float) else u.seen
                 reported_rows.append((json.dumps(tags), _text(profile.get("name"), 128),
-                                      "; ".join(errors)[:2000], json.dumps(r), ts,
+                                      "; ".join(errors)[:2000], orjson.dumps(r).decode(), ts,
                                       device_id, ts))
                 rollouts = _dict(r.get("rollouts"))
                 for rid, o in list(rollouts.items())[:64]:
                     if isinstance(o, dict) and isinstance(o.get("outcome"), str):
-                        rollout_rows.append((str(rid)[:128], device_id, o["outcome"][:16],
-                                             _int_or_none(o.get("version")),
-                                             _int_or_none(o.get("base")),
-                                             _text(o.get("error")), ts))
+                        row = (str(rid)[:128], device_id, o["outcome"][:16],
+                               _int_or_none(o.get("version")), _int_or_none(o.get("base")),
+                               _text(o.get("error")))
+                        if self._outcomes is not None:
+                            if self._outcomes.get((row[0], device_id)) == row:
+                                continue
+                            new_outcomes[(row[0], device_id)] = row
+                        rollout_rows.append((*row, ts))
             telemetry_rows.extend((device_id, u.seen, ts, seq, body)
                                   for ts, seq, body in u.telemetry)
             result_rows.extend((device_id, rid, u.seen, body) for rid, body in u.results)
@@ -278,6 +297,10 @@ class Store(ABC):
                     "INSERT INTO command_results (device_id, request_id, received, body) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT (device_id, request_id) DO UPDATE SET "
                     "received = excluded.received, body = excluded.body"), result_rows)
+        # Only once the transaction committed: a failed write is written again next time.
+        if self._written is not None and self._outcomes is not None:
+            self._written.update(new_written)
+            self._outcomes.update(new_outcomes)
 
     def prune(self, now: float, stale_after_s: float, window_s: float, max_points: int) -> int:
         """Expire stale devices and old telemetry; returns how many devices left the view."""
@@ -285,6 +308,9 @@ class Store(ABC):
         with self._lock, self._transaction() as cur:
             cur.execute(self._sql("SELECT device_id FROM devices WHERE last_seen < ?"), (cutoff,))
             gone = [(r[0],) for r in cur.fetchall()]
+            if self._written is not None:
+                for (device_id,) in gone:
+                    self._written.pop(device_id, None)
             for table in ("device_tags", "device_models", "telemetry", "command_results",
                           "devices"):
                 cur.executemany(self._sql(f"DELETE FROM {table} WHERE device_id = ?"),  # noqa: S608
@@ -568,7 +594,7 @@ class SqliteStore(Store):
     """SQLite in WAL mode, one connection shared under the lock."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__()
+        super().__init__(single_writer=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,

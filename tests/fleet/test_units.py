@@ -19,7 +19,7 @@ def test_waves_and_percentages() -> None:
     assert parse_waves("1%,10%,50%,100%") == (1.0, 10.0, 50.0, 100.0)
     assert parse_waves("100") == (100.0,)
     for bad in ("50%,25%,100%", "5%,50%", "abc", "0%,100%", ""):
-        with pytest.raises(ConfigError, match="rollouts.waves"):
+        with pytest.raises(ConfigError, match=r"rollouts\.waves"):
             parse_waves(bad)
     assert parse_percent("5%") == 5.0
     with pytest.raises(ConfigError, match="from 0% to 100%"):
@@ -88,7 +88,9 @@ def test_ingest_folds_a_burst_into_one_write(tmp_path: Path) -> None:
 
     class Inbox:
         prefix = "edgeagent"
-        inbox: list[tuple[str, bytes, bool]] = []
+
+        def __init__(self) -> None:
+            self.inbox: list[tuple[str, bytes, bool]] = []
 
     ingest = Ingest(Inbox(), store, 65536)  # type: ignore[arg-type]
     batch = Batch()
