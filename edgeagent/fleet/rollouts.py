@@ -48,9 +48,10 @@ from edgeagent.telemetry.topics import NAME_RE, fleet_rollout, group_rollout
 
 log = logging.getLogger(__name__)
 
-#: Seconds a wave may wait on devices before the leader asks the broker for their retained
-#: ``reported`` (paced, as the start-up catch-up): a burst the broker dropped on its way to the
-#: controller then costs seconds, not the devices' next periodic announcement.
+#: Seconds a wave may wait without progress (its pending count unchanged) before the leader
+#: asks the broker for the retained ``reported`` of the devices it waits on (paced, as the
+#: start-up catch-up): a burst the broker dropped on its way to the controller then costs
+#: seconds, not the devices' next periodic announcement.
 REFRESH_AFTER_S = 5.0
 #: Most devices one refresh asks for.
 REFRESH_MAX = 2000
@@ -180,7 +181,8 @@ class RolloutEngine:
         self.leading: set[str] = set()
         self.publishes = 0
         self.refreshes = 0
-        self._refreshed: dict[str, float] = {}
+        self._stalled: dict[str, tuple[int, float]] = {}
+        self._pending: dict[str, int] = {}
         self._refresh_thread: threading.Thread | None = None
         self._stop_refresh = threading.Event()
         self._kick = asyncio.Event()
@@ -426,8 +428,12 @@ class RolloutEngine:
         if self.broker is None or r["phase"] not in ("running", "reverting"):
             return
         rid = r["rollout_id"]
-        if now - self._refreshed.get(rid, 0.0) < REFRESH_AFTER_S or now - r["updated"] < \
-                REFRESH_AFTER_S:
+        pending = self._pending.get(rid, 0)
+        last, since = self._stalled.get(rid, (-1, now))
+        if pending != last:
+            self._stalled[rid] = (pending, now)
+            return
+        if not pending or now - since < REFRESH_AFTER_S:
             return
         if self._refresh_thread is not None and self._refresh_thread.is_alive():
             return
@@ -436,7 +442,7 @@ class RolloutEngine:
         ids = self.store.pending_members(rid, int(r["threshold"]),
                                          now - self.config.inventory.offline_after_s, done,
                                          REFRESH_MAX)
-        self._refreshed[rid] = now
+        self._stalled[rid] = (pending, now)
         if not ids:
             return
         self.refreshes += 1
@@ -456,6 +462,8 @@ class RolloutEngine:
         if r is None or r["phase"] not in ACTIVE_PHASES:
             return r
         t, waves = self._tally(r, now)
+        self._pending[rollout_id] = t.total["pending"] + (
+            t.total["applied"] if r["phase"] == "reverting" else 0)
         wave = waves[r["wave"]] if r["wave"] < len(waves) else None
         if r["phase"] == "reverting":
             # Done reverting when no reachable member still runs the version (or the deadline).
