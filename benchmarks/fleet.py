@@ -273,6 +273,13 @@ def main() -> None:  # noqa: PLR0915 - the benchmark's script, phase after phase
                 "ingest_thread_cpu_us_per_message": round(
                     (status["ingest"]["cpu_s"] - icpu1) / max(1, msgs) * 1e6, 1),
                 "dropped": status["ingest"]["dropped"]}
+            show = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                rig.get(f"/v1/fleet/rollouts/{out['rollout_good']['rollout_id']}")
+                show.append(time.perf_counter() - t0)
+            # What one tick of the leader costs at this size: the same recount.
+            out["rollout_show_median_s"] = round(statistics.median(show), 4)
             out["controller_rss_mb"] = round(rig.proc.memory_info().rss / 2**20, 1)
             out["simulator_cpu_s"] = round(sum(me.cpu_times()[:2]) - sim_cpu0, 2)
             out["simulator_rss_mb"] = round(me.memory_info().rss / 2**20, 1)

@@ -59,19 +59,32 @@ class FleetBroker:
         self.last_error = ""
         self._marker_topic = f"{self.prefix}/_fleet/{client_id}/mark"
         self._marks: dict[str, threading.Event] = {}
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=paho.MQTTv5)
-        self._client.max_queued_messages_set(0)
-        self._client.max_inflight_messages_set(100)
-        self._client.reconnect_delay_set(1, 15)
-        if self.settings.username:
-            self._client.username_pw_set(self.settings.username, self.settings.password)
-        if self.settings.tls is not None:
-            self._client.tls_set_context(self.settings.tls)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
+        # The primary connection publishes, catches up and counts as "connected"; the others
+        # only take their turn of the shared subscriptions, so a burst has N per-client
+        # queues and N socket buffers to land in instead of one.
+        self._clients = [self._make(client_id if i == 0 else f"{client_id}-{i}", i == 0)
+                         for i in range(section.connections)]
+        self._client = self._clients[0]
         self._started = False
+
+    def _make(self, client_id: str, primary: bool) -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        c.max_queued_messages_set(0)
+        c.max_inflight_messages_set(100)
+        c.reconnect_delay_set(1, 15)
+        if self.settings.username:
+            c.username_pw_set(self.settings.username, self.settings.password)
+        if self.settings.tls is not None:
+            c.tls_set_context(self.settings.tls)
+        c.on_connect = self._on_connect if primary else self._on_connect_extra
+        c.on_disconnect = self._on_disconnect if primary else None
+        c.on_message = self._on_message
+        return c
+
+    def _on_connect_extra(self, client: paho.Client, _u: Any, _f: Any, reason: ReasonCode,
+                          _p: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe(self.shared_filters())
 
     # -- live stream ---------------------------------------------------------------------------
     def shared_filters(self) -> list[tuple[str, SubscribeOptions]]:
@@ -116,16 +129,18 @@ class FleetBroker:
         """Connect in the background (paho retries until the broker answers)."""
         self._started = True
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
-        self._client.connect_async(s.host, s.port, s.keepalive_s, clean_start=True,
-                                   properties=props)
-        self._client.loop_start()
+        for c in self._clients:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+            c.connect_async(s.host, s.port, s.keepalive_s, clean_start=True, properties=props)
+            c.loop_start()
 
     def stop(self) -> None:
         self._started = False
-        self._client.disconnect()
-        self._client.loop_stop()
+        for c in self._clients:
+            c.disconnect()
+        for c in self._clients:
+            c.loop_stop()
 
     # -- publishing -----------------------------------------------------------------------------
     def publish_blocking(self, topic: str, payload: bytes, retain: bool = True,

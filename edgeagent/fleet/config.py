@@ -47,6 +47,9 @@ class BrokerSection:
     #: Devices whose retained state one catch-up step asks for (2 topics each): well under a
     #: stock Mosquitto's 1,000 queued messages per client.
     catchup_batch: int = 200
+    #: MQTT connections of this replica in the shared group: a burst of device messages
+    #: spreads over their per-client queues (a stock Mosquitto drops past 1,000 each).
+    connections: int = 4
 
     def mqtt_section(self) -> MqttSection:
         """The agent's ``[mqtt]`` shape, so the one broker-settings parser (TLS, password
@@ -182,6 +185,8 @@ def _validate(cfg: FleetConfig) -> None:  # noqa: PLR0912 - one rule per key
         raise ConfigError("expected 1 to 450 devices (2 retained messages each must stay "
                           f"under a stock broker's 1,000 queued), got {b.catchup_batch}",
                           "broker.catchup_batch")
+    if not 1 <= b.connections <= 32:
+        raise ConfigError(f"expected 1 to 32, got {b.connections}", "broker.connections")
     url = cfg.database.url
     if url and "://" in url and not url.startswith(("sqlite:///", "postgresql://",
                                                     "postgres://")):

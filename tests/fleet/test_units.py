@@ -120,3 +120,14 @@ def test_ingest_folds_a_burst_into_one_write(tmp_path: Path) -> None:
     store.apply(older)
     assert store.devices(now=now, offline_after_s=60)[0]["tags"] == ["lab", "east"]
     store.close()
+
+
+def test_the_agent_never_imports_the_fleet_controller() -> None:
+    import re
+
+    repo = Path(__file__).resolve().parents[2] / "edgeagent"
+    pattern = re.compile(r"^\s*(from|import)\s+edgeagent\.fleet\b", re.MULTILINE)
+    offenders = [str(p.relative_to(repo)) for p in repo.rglob("*.py")
+                 if "fleet" not in p.relative_to(repo).parts and p.name != "cli.py"
+                 and pattern.search(p.read_text())]
+    assert offenders == []
