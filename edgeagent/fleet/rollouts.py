@@ -121,21 +121,20 @@ class Tally:
 
 def tally(rows: Iterable[tuple[int, str, bool, bool, bool, int]], threshold: int,
           wave_thresholds: list[int], aborted: bool) -> Tally:
+    """Counts from :meth:`Store.outcome_histogram` rows (grouped by wave index): a wave is in
+    the share when its upper bound is within the current threshold."""
     total = dict.fromkeys(CATEGORIES, 0)
     per_wave = [dict.fromkeys(CATEGORIES, 0) for _ in wave_thresholds]
     running = members = 0
-    for b, outcome, reachable, late, runs_version, n in rows:
+    for w, outcome, reachable, late, runs_version, n in rows:
         members += n
         if runs_version:
             running += n
-        cat = classify(outcome, b < threshold, reachable, late, aborted)
+        in_share = w < len(wave_thresholds) and wave_thresholds[w] <= threshold
+        cat = classify(outcome, in_share, reachable, late, aborted)
         total[cat] += n
-        low = 0
-        for i, high in enumerate(wave_thresholds):
-            if low <= b < high:
-                per_wave[i][cat] += n
-                break
-            low = high
+        if w < len(wave_thresholds):
+            per_wave[w][cat] += n
     return Tally(total, per_wave, running, members)
 
 
@@ -317,10 +316,10 @@ class RolloutEngine:
     def _tally(self, r: dict[str, Any], now: float) -> tuple[Tally, list[dict[str, Any]]]:
         waves = self.store.waves(r["rollout_id"])
         cutoff = now - self.config.inventory.offline_after_s
-        rows = self.store.outcome_histogram(r["rollout_id"], cutoff)
+        thresholds = [int(w["threshold"]) for w in waves]
+        rows = self.store.outcome_histogram(r["rollout_id"], cutoff, thresholds)
         aborted = r["doc_state"] == "aborted"
-        return tally(rows, int(r["threshold"]), [int(w["threshold"]) for w in waves],
-                     aborted), waves
+        return tally(rows, int(r["threshold"]), thresholds, aborted), waves
 
     def describe(self, rollout_id: str, now: float | None = None) -> dict[str, Any]:
         """A rollout with its live counts, overall and per wave.

@@ -543,25 +543,31 @@ class Store(ABC):
                           (rollout_id, reachable_after))
         return [int(r[0]) for r in rows]
 
-    def outcome_histogram(self, rollout_id: str,
-                          reachable_after: float) -> list[tuple[int, str, bool, bool, bool, int]]:
-        """(bucket, outcome, reachable, late, runs_version, count) over the members.
+    def outcome_histogram(self, rollout_id: str, reachable_after: float,
+                          thresholds: Sequence[int]) -> list[tuple[int, str, bool, bool, bool,
+                                                                   int]]:
+        """(wave, outcome, reachable, late, runs_version, count) over the members.
 
-        ``outcome`` is the device's reported outcome for this rollout ('' when it reported
-        none); ``runs_version`` whether its reported model version is the rollout's.
+        ``wave`` is the index of the wave whose bucket range holds the member (``thresholds``
+        are the waves' upper bounds; ``len(thresholds)`` for buckets above the last),
+        ``outcome`` the device's reported outcome for this rollout ('' when it reported none),
+        ``runs_version`` whether its reported model version is the rollout's. Grouped in the
+        database, so the rows are a few hundred whatever the fleet's size.
         """
-        rows = self._rows(
-            "SELECT m.bucket, COALESCE(o.outcome, ''), "
-            "CASE WHEN d.state = 'online' AND d.last_seen >= ? THEN 1 ELSE 0 END, m.late, "
-            "CASE WHEN dm.version = r.version THEN 1 ELSE 0 END, COUNT(*) "
-            "FROM rollout_members m JOIN rollouts r ON r.rollout_id = m.rollout_id "
-            "LEFT JOIN devices d ON d.device_id = m.device_id "
-            "LEFT JOIN device_rollouts o ON o.rollout_id = m.rollout_id "
-            "AND o.device_id = m.device_id "
-            "LEFT JOIN device_models dm ON dm.device_id = m.device_id AND dm.model = r.model "
-            "WHERE m.rollout_id = ? GROUP BY 1, 2, 3, 4, 5", (reachable_after, rollout_id))
-        return [(int(b), str(o), bool(re), bool(la), bool(rv), int(n))
-                for b, o, re, la, rv, n in rows]
+        case = " ".join(f"WHEN m.bucket < ? THEN {i}" for i in range(len(thresholds)))
+        wave = f"CASE {case} ELSE {len(thresholds)} END" if thresholds else "0"
+        sql = ("SELECT " + wave + ", COALESCE(o.outcome, ''), "
+               "CASE WHEN d.state = 'online' AND d.last_seen >= ? THEN 1 ELSE 0 END, m.late, "
+               "CASE WHEN dm.version = r.version THEN 1 ELSE 0 END, COUNT(*) "
+               "FROM rollout_members m JOIN rollouts r ON r.rollout_id = m.rollout_id "
+               "LEFT JOIN devices d ON d.device_id = m.device_id "
+               "LEFT JOIN device_rollouts o ON o.rollout_id = m.rollout_id "
+               "AND o.device_id = m.device_id "
+               "LEFT JOIN device_models dm ON dm.device_id = m.device_id AND dm.model = r.model "
+               "WHERE m.rollout_id = ? GROUP BY 1, 2, 3, 4, 5")
+        rows = self._rows(sql, (*thresholds, reachable_after, rollout_id))
+        return [(int(w), str(o), bool(re), bool(la), bool(rv), int(n))
+                for w, o, re, la, rv, n in rows]
 
     def pending_members(self, rollout_id: str, threshold: int, reachable_after: float,
                         done: tuple[str, ...], limit: int) -> list[str]:

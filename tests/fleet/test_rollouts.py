@@ -51,9 +51,10 @@ def test_waves_to_done_then_rollback(mosquitto: Any, controllers: Any, sims: Any
 def test_operator_abort_reverts_the_devices_that_switched(mosquitto: Any, controllers: Any,
                                                           sims: Any) -> None:
     c = controllers(mosquitto).start()
-    sim = sims(mosquitto, 20, activation_s=0.3)
+    sim = sims(mosquitto, 20, activation_s=1.0)
     until(lambda: c.inventory() == 20, "20 devices")
-    r = start_rollout(c, 2, waves="50%,100%", min_devices=1, wave_timeout_s=60)
+    # Three waves of 0.5-1.5 s activations: the abort lands while it runs.
+    r = start_rollout(c, 2, waves="30%,60%,100%", min_devices=1, wave_timeout_s=60)
     rid = r["rollout_id"]
     until(lambda: show(c, rid)["running_version"] >= 1, "a device on v2")
     code, out = c.cli("rollout", "abort", rid, "--wait")

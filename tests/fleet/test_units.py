@@ -47,9 +47,10 @@ def test_categories() -> None:
 
 
 def test_tally_per_wave_and_verdicts() -> None:
-    rows = [(5, "applied", True, False, True, 3), (50, "failed", True, False, False, 1),
-            (150, "", False, False, False, 2), (150, "base", True, False, False, 4),
-            (9000, "base", True, False, False, 10)]
+    # (wave index, outcome, reachable, late, runs the version, count)
+    rows = [(0, "applied", True, False, True, 3), (0, "failed", True, False, False, 1),
+            (1, "", False, False, False, 2), (1, "base", True, False, False, 4),
+            (2, "base", True, False, False, 10)]
     t = tally(rows, 200, [100, 200], aborted=False)
     assert t.total["applied"] == 3 and t.total["failed"] == 1
     assert t.total["not_reached"] == 2 and t.total["pending"] == 4
@@ -58,11 +59,11 @@ def test_tally_per_wave_and_verdicts() -> None:
     assert t.per_wave[1]["not_reached"] == 2 and t.per_wave[1]["pending"] == 4
     assert t.eligible == 8 and t.failures == 1
     r = {"phase": "done", "version": 2, "reason": "", "wave": 1, "waves": "[50, 100]"}
-    done = tally([(5, "applied", True, False, True, 3), (9, "", False, False, False, 1)],
+    done = tally([(0, "applied", True, False, True, 3), (0, "", False, False, False, 1)],
                  10_000, [10_000], aborted=False)
     text, ok = verdict(r, done)
     assert text == "done, incomplete: 3 of 4 devices run v2 (1 not reached)" and not ok
-    clean = tally([(5, "applied", True, False, True, 3), (9, "held", True, False, False, 1)],
+    clean = tally([(0, "applied", True, False, True, 3), (0, "held", True, False, False, 1)],
                   10_000, [10_000], aborted=False)
     assert verdict(r, clean) == ("done: 3 of 4 devices run v2 (1 held by a more specific "
                                  "document)", True)
