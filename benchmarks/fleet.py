@@ -18,7 +18,9 @@ directory, connects the simulated devices of ``benchmarks/fleetsim.py`` in this 
    wave 1) must stop in wave 1 and
    every device that ran v3 must be back on v2;
 5. CPU: the controller's (psutil, its process) per device message ingested, and the
-   simulator's (this process) over the whole run.
+   simulator's (this process) over the whole run;
+6. a controller restart: how long the paced catch-up of every known device's retained state
+   takes.
 
 The box is shared (2 cores, other jobs): figures are what one run saw, and the simulator's CPU
 competes with the controller's and the broker's.
@@ -98,13 +100,22 @@ class Rig:
             'max_failures = "5%"\n')
         self.fleet_conf = fleet
         time.sleep(0.5)
-        self.controller = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "fleet", "serve", "--config", str(fleet)],
-            cwd=ROOT, stdout=(work / "controller.log").open("wb"), stderr=subprocess.STDOUT)
-        self.proc = psutil.Process(self.controller.pid)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=60)
-        wait(self._healthy, 60, "the controller")
+        self.start_controller()
         self.http.headers["Authorization"] = f"Bearer {(work / 'api-token').read_text().strip()}"
+
+    def start_controller(self) -> None:
+        self.controller = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "fleet", "serve", "--config",
+             str(self.fleet_conf)], cwd=ROOT,
+            stdout=(self.work / "controller.log").open("ab"), stderr=subprocess.STDOUT)
+        self.proc = psutil.Process(self.controller.pid)
+        wait(self._healthy, 60, "the controller")
+
+    def restart_controller(self) -> None:
+        self.controller.send_signal(signal.SIGTERM)
+        self.controller.wait(60)
+        self.start_controller()
 
     def _healthy(self) -> bool:
         try:
@@ -273,6 +284,19 @@ def main() -> None:  # noqa: PLR0915 - the benchmark's script, phase after phase
                 "ingest_thread_cpu_us_per_message": round(
                     (status["ingest"]["cpu_s"] - icpu1) / max(1, msgs) * 1e6, 1),
                 "dropped": status["ingest"]["dropped"]}
+            # A restart: the database keeps the inventory; the paced catch-up asks for the
+            # retained state of every known device, catchup_batch at a time.
+            t0 = time.time()
+            rig.restart_controller()
+            wait(lambda: rig.get("/v1/fleet/status")["catchup"]["state"] == "done", 600,
+                 "the catch-up after a restart", 0.25)
+            cu = rig.get("/v1/fleet/status")
+            out["restart"] = {
+                "catchup_s": round(cu["catchup"]["finished"] - cu["catchup"]["started"], 2),
+                "devices": cu["catchup"]["devices"], "batches_ok": cu["catchup"]["batches_ok"],
+                "restart_to_caught_up_s": round(time.time() - t0, 2),
+                "messages": cu["ingest"]["processed"], "dropped": cu["ingest"]["dropped"],
+                "inventory_devices": cu["inventory"]["devices"]}
             show = []
             for _ in range(5):
                 t0 = time.perf_counter()
