@@ -102,7 +102,9 @@ class FleetBroker:
             self.last_error = f"the broker refused the connection: {reason}"
             log.warning("MQTT %s: %s", self.settings.address, self.last_error)
             return
-        client.subscribe([*self.shared_filters(), (self._marker_topic, SubscribeOptions(qos=0))])
+        # The marker at QoS 1: a broker may drop QoS 0 under load, and QoS 1 queues behind the
+        # QoS 0 retained messages already written, so it still comes back after them.
+        client.subscribe([*self.shared_filters(), (self._marker_topic, SubscribeOptions(qos=1))])
         self.connects += 1
         self.last_error = ""
         self.connected.set()
@@ -182,9 +184,9 @@ class FleetBroker:
             token = uuid.uuid4().hex
             mark = self._marks[token] = threading.Event()
             try:
-                # QoS 0 like the live stream, and the marker too, so it stays behind them.
+                # QoS 0 like the live stream; the marker at QoS 1 (see _on_connect).
                 self._client.subscribe([(t, SubscribeOptions(qos=0)) for t in topics])
-                self._client.publish(self._marker_topic, token.encode(), qos=0)
+                self._client.publish(self._marker_topic, token.encode(), qos=1)
                 if mark.wait(CATCHUP_BATCH_TIMEOUT_S):
                     done += 1
                 else:
