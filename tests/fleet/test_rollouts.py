@@ -139,3 +139,33 @@ def test_controller_killed_mid_rollout_resumes(mosquitto: Any, controllers: Any,
     assert all(d.history == [("mlp", 2)] for d in sim.sim.devices)  # nothing applied twice
     assert final["publishes"] == 4
     assert [w["result"] for w in final["waves"]] == ["complete"] * 3
+
+
+def test_pause_holds_the_share_and_resume_carries_on(mosquitto: Any, controllers: Any,
+                                                     sims: Any) -> None:
+    c = controllers(mosquitto).start()
+    sim = sims(mosquitto, 20, activation_s=1.0)
+    until(lambda: c.inventory() == 20, "20 devices")
+    r = start_rollout(c, 2, waves="30%,60%,100%", min_devices=1)
+    rid = r["rollout_id"]
+    until(lambda: show(c, rid)["publishes"] == 1, "wave 1 published")
+    code, out = c.cli("rollout", "pause", rid, "--json")
+    assert code == 0, out
+    paused = json.loads(out)
+    assert paused["phase"] == "paused"
+    until(lambda: show(c, rid)["document"] == {"state": "paused", "share": paused["document"][
+        "share"], "published": True}, "the paused document published")
+    share = show(c, rid)["document"]["share"]
+    until(lambda: show(c, rid)["counts"]["pending"] == 0, "wave 1 settled while paused")
+    held = show(c, rid)
+    assert held["phase"] == "paused" and held["wave"] == 1  # no advance while paused
+    assert held["document"]["share"] == share
+    in_share = sum(1 for d in sim.sim.devices if bucket(rid, d.device_id) < share * 100)
+    assert held["running_version"] == in_share  # devices in the share stay on v2
+    code, out = c.cli("rollout", "resume", rid, "--wait")
+    assert code == 0, out
+    final = show(c, rid)
+    assert final["phase"] == "done" and final["running_version"] == 20
+    # wave 1, pause, then wave 2 (its publish is the resume too: wave 1 was complete), 3, done
+    assert final["publishes"] == 5
+    assert set(sim.versions().values()) == {2}
