@@ -303,13 +303,13 @@ def add_fleet_parser(sub: Any) -> None:
         target = p.add_mutually_exclusive_group(required=True)
         target.add_argument("--group", help="the devices tagged with this group")
         target.add_argument("--all", action="store_true", help="the whole fleet")
-        p.add_argument("--waves", help="percentages, increasing to 100% (default "
-                                       + ("100%" if rollback else "from fleet.toml, "
-                                          "1%,10%,50%,100%") + ")")
+        p.add_argument("--waves", help="percentages, increasing to 100%% (default "
+                                       + ("100%%" if rollback else "from fleet.toml, "
+                                          "1%%,10%%,50%%,100%%") + ")")
         p.add_argument("--min-devices", type=int, help="at least this many reachable devices "
                                                        "in each wave (default 10)")
         p.add_argument("--max-failures", help="abort once failures pass this share of a "
-                                              "wave (default " + ("100%" if rollback else "5%")
+                                              "wave (default " + ("100%%" if rollback else "5%%")
                                               + ")")
         p.add_argument("--wave-timeout", type=float, help="seconds a wave may take (600)")
         p.add_argument("--wait", action="store_true",

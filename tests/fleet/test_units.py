@@ -132,3 +132,16 @@ def test_the_agent_never_imports_the_fleet_controller() -> None:
                  if "fleet" not in p.relative_to(repo).parts and p.name != "cli.py"
                  and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_every_fleet_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeagent.cli import main
+
+    for argv in (["fleet"], ["fleet", "serve"], ["fleet", "status"], ["fleet", "devices"],
+                 ["fleet", "rollout"], ["fleet", "rollout", "start"],
+                 ["fleet", "rollout", "pause"], ["fleet", "rollout", "show"],
+                 ["fleet", "rollback"], ["fleet", "pin"], ["fleet", "unpin"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0, argv
+        assert "usage: edgeagent fleet" in capsys.readouterr().out
