@@ -298,10 +298,9 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     from edgeagent.admin import add_admin_commands
 
     add_admin_commands(add)
-    from edgeagent.control.fleet import add_fleet_parser
+    from edgeagent.fleet.cli import add_fleet_parser
 
-    add_fleet_parser(sub, "configuration file for [mqtt] credentials (default "
-                          "/etc/edgeagent/agent.toml, or $EDGEAGENT_CONFIG)")
+    add_fleet_parser(sub)
     return parser
 
 
