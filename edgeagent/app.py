@@ -86,6 +86,7 @@ class Agent:
         self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
         self._served_before: dict[str, int | None] = {}
+        self._run_lock: int | None = None
         # Built in start(), once the device profile (the hub's variant choice) is known.
         self.owner = VersionOwner(self.manager, self.state_dir, base, device_id=self.device_id,
                                   groups=config.agent.tags, keep_versions=config.hub.keep_versions,
@@ -117,8 +118,10 @@ class Agent:
 
     async def start(self) -> None:
         """Start every part in order; models that fail to load are reported, not fatal."""
+        from edgeagent.localapi import hold_run_lock
+
         loop = asyncio.get_running_loop()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._run_lock = hold_run_lock(self.state_dir)
         log.info("edgeagent %s starting, state in %s, config from %s",
                  __version__, self.state_dir, self.config.source)
         self.facts = await loop.run_in_executor(None, collect_facts, self.root)
@@ -343,6 +346,9 @@ class Agent:
             self._metrics = None
         await self.owner.stop()
         await self.manager.close(grace)
+        if self._run_lock is not None:
+            os.close(self._run_lock)  # the commands see a stopped agent from now on
+            self._run_lock = None
         self.services.shm.close()
         self.services.trimmer.close()
         log.info("stopped")

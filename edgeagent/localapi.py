@@ -10,6 +10,7 @@ cannot be reached, the commands fall back to the HTTP listener with ``http.token
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from edgeagent.config import AgentConfig, read_token
+from edgeagent.errors import EdgeAgentError
 
 ADMIN_SOCKET = "admin.sock"
 
@@ -72,11 +74,40 @@ def local_client(config: AgentConfig, timeout: float,
     return httpx.Client(transport=transport, base_url=base, headers=headers, timeout=timeout)
 
 
+#: Held (flock, exclusive) by a running agent for as long as it runs: the commands tell a busy
+#: agent from a stopped one by it, never by how fast the agent answers.
+RUN_LOCK = ".agent.lock"
+
+
 def agent_running(config: AgentConfig, env: Mapping[str, str] | None = None) -> bool:
-    """Whether the agent answers on its admin channel or its HTTP listener."""
+    """Whether an agent runs on this state directory (it holds the run lock), however busy."""
+    env = os.environ if env is None else env
+    path = config.state_path(env).resolve() / RUN_LOCK
     try:
-        with local_client(config, timeout=5, env=env) as client:
-            client.get("/v2/health/live")
-    except httpx.HTTPError:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return False
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def hold_run_lock(state_dir: Path) -> int:
+    """Take the run lock for the agent's life (the returned fd keeps it).
+
+    Raises:
+        EdgeAgentError: another agent runs on the same state directory.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EdgeAgentError(f"another agent already runs on {state_dir} (it holds "
+                             f"{state_dir / RUN_LOCK}); stop it first") from None
+    return fd
