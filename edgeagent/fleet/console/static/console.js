@@ -14,6 +14,7 @@ const CAT_LABEL = {applied: "applied", failed: "failed", no_answer: "no answer",
 let csrf = "";
 let timer = null;
 let generation = 0;
+let flash = "";  // a message for the next page shown (after an action)
 
 // -- small helpers ---------------------------------------------------------------------------
 function h(tag, attrs, ...kids) {
@@ -24,7 +25,7 @@ function h(tag, attrs, ...kids) {
     else if (k === "cls") el.className = v;
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const kid of kids.flat()) {
+  for (const kid of kids.flat(Infinity)) {
     if (kid === null || kid === undefined || kid === false) continue;
     el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
   }
@@ -130,7 +131,8 @@ async function route() {
   generation += 1;
   const mine = generation;
   clearTimeout(timer);
-  notice("");
+  notice(flash);
+  flash = "";
   const hash = location.hash || "#/";
   for (const a of document.querySelectorAll("nav a")) {
     const n = a.dataset.nav;
@@ -228,7 +230,8 @@ const FILTERS = [["group", "group"], ["profile", "profile"], ["model", "model"],
 async function deviceList(main, m, mine) {
   const q = params(m[0]);
   const after = q.get("after") || "";
-  const back = (q.get("back") || "").split(",").filter((x) => x !== "");
+  // The cursors of the pages before this one ("" is the first page); ids have no commas.
+  const back = q.has("back") ? q.get("back").split(",") : [];
   const query = new URLSearchParams();
   for (const [k] of FILTERS) if (q.get(k)) query.set(k, q.get(k));
   const page = await api("GET", `/v1/fleet/devices?${query}&limit=${PAGE}&total=1&after=${enc(after)}`);
@@ -250,6 +253,7 @@ async function deviceList(main, m, mine) {
     const p = new URLSearchParams(query);
     if (a) p.set("after", a);
     if (b.length) p.set("back", b.join(","));
+    else p.delete("back");
     return `#/devices?${p}`;
   };
   const prev = back.length ? pageLink(back[back.length - 1], back.slice(0, -1)) : null;
@@ -269,8 +273,14 @@ async function deviceList(main, m, mine) {
       h("td", {}, d.tags.join(", ")),
       h("td", {}, Object.entries(d.models).map(([n, mm]) => `${n} v${mm.version ?? "?"}`).join(", ")),
       h("td", {cls: "err"}, d.last_error))))),
-    page.devices.length ? pager.cloneNode(true) : h("p", {cls: "muted"}, "No device matches."));
+    page.devices.length ? bottomPager(pager) : h("p", {cls: "muted"}, "No device matches."));
   return false;
+}
+
+function bottomPager(pager) {
+  const copy = pager.cloneNode(true);
+  for (const el of copy.querySelectorAll("[id]")) el.removeAttribute("id");
+  return copy;
 }
 
 // -- device page -----------------------------------------------------------------------------
@@ -354,7 +364,7 @@ async function devicePage(main, m, mine) {
       [["device", id], ["model", model], ["version", `v${version}`]], "Pin", false))) return;
     try {
       await api("PUT", `/v1/fleet/devices/${enc(id)}/pins/${enc(model)}`, {version});
-      notice(`Pinned ${model} v${version} on ${id}.`);
+      flash = `Pinned ${model} v${version} on ${id}.`;
       route();
     } catch (err) { notice(`Pin refused: ${err.message}`, true); }
   }}}, h("div", {}, h("label", {for: "pin-model"}, "model"),
@@ -369,14 +379,11 @@ async function devicePage(main, m, mine) {
       true))) return;
     try {
       await api("DELETE", `/v1/fleet/devices/${enc(id)}/pins/${enc(model)}`);
-      notice(`Unpinned ${model} on ${id}.`);
+      flash = `Unpinned ${model} on ${id}.`;
       route();
     } catch (err) { notice(`Unpin refused: ${err.message}`, true); }
   };
   const online = d.state === "online";
-  // Only the live parts repaint while the pin form has focus (it keeps what was typed).
-  const focused = main.querySelector("#pin-form") && main.contains(document.activeElement) &&
-    document.activeElement.closest("#pin-form");
   const header = [h("h1", {}, `Device ${id} `, pill(online ? "online" : d.state)),
     h("dl", {cls: "facts card"},
       h("dt", {}, "last seen"), h("dd", {}, ago(d.last_seen)),
@@ -402,13 +409,21 @@ async function devicePage(main, m, mine) {
       "chart-latency"),
     chart("CPU", "%", [{name: "cpu", points: s.cpu}], "chart-cpu"),
     chart("Temperature", "°C", [{name: "hottest", points: s.temp}], "chart-temp"));
-  if (focused) {
-    main.querySelector("#charts").replaceWith(charts);
-    return true;
+  // The layout (with the pin form and what is typed in it) is built once per visit; each
+  // refresh replaces the live sections only.
+  let shell = main.querySelector("#device-page");
+  if (!shell || shell.dataset.gen !== String(mine)) {
+    shell = h("div", {id: "device-page", "data-gen": mine}, h("div", {id: "dev-head"}),
+      h("h2", {}, "Models"), h("div", {id: "dev-models"}),
+      h("h2", {}, "Pin a version (this device only, above every rollout)"), pinForm,
+      h("h2", {id: "dev-tel-title"}), h("div", {id: "dev-charts"}));
+    paint(main, mine, shell);
   }
-  paint(main, mine, ...header, h("h2", {}, "Models"), modelsTable,
-    h("h2", {}, "Pin a version (this device only, above every rollout)"), pinForm,
-    h("h2", {}, `Recent telemetry (${(tel.points || []).length} points)`), charts);
+  shell.querySelector("#dev-head").replaceChildren(...header);
+  shell.querySelector("#dev-models").replaceChildren(modelsTable);
+  shell.querySelector("#dev-tel-title").textContent =
+    `Recent telemetry (${(tel.points || []).length} points)`;
+  shell.querySelector("#dev-charts").replaceChildren(charts);
   return true;
 }
 
@@ -454,8 +469,8 @@ async function newRollout(main, m, mine) {
     if (!ok) return;
     try {
       const r = await api("POST", "/v1/fleet/rollouts", body);
+      flash = `Rollout ${r.rollout_id} started.`;
       location.hash = `#/rollout/${enc(r.rollout_id)}`;
-      notice(`Rollout ${r.rollout_id} started.`);
     } catch (err) { notice(`Refused: ${err.message}`, true); }
   }}},
   field("model", "model", {required: true, value: q.get("model") || ""}),
@@ -487,7 +502,7 @@ async function rolloutPage(main, m, mine) {
     if (!ok) return;
     try {
       await api("POST", `/v1/fleet/rollouts/${enc(id)}/${action}`);
-      notice(`Rollout ${id}: ${action} sent.`);
+      flash = `Rollout ${id}: ${action} sent.`;
       route();
     } catch (err) { notice(`Refused: ${err.message}`, true); }
   };
@@ -530,7 +545,9 @@ async function rolloutPage(main, m, mine) {
       bar(r.counts, r.members), legend(r.counts),
       h("p", {cls: "muted", id: "running"}, `${r.running_version} of ${r.members} devices run v${r.version}`)),
     h("section", {cls: "card", id: "waves"}, h("h2", {}, "Waves"), waves));
-  return ["running", "paused", "reverting"].includes(r.phase);
+  // Live while it runs, and for two minutes after (late devices still report going back).
+  return ["running", "paused", "reverting"].includes(r.phase) ||
+    (r.finished && Date.now() / 1000 - r.finished < 120);
 }
 
 // -- start ------------------------------------------------------------------------------------
