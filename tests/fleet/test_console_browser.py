@@ -99,7 +99,7 @@ def counts_in(page: Any, scope: str) -> dict[str, int]:
     return out
 
 
-def test_a_rollout_started_watched_and_aborted_from_the_console(
+def test_a_rollout_started_watched_and_aborted_from_the_console(  # noqa: PLR0915 - one story
         mosquitto: Any, controllers: Any, sims: Any, browser: Any, tmp_path: Path) -> None:
     c: Controller = controllers(mosquitto).start()
     # Slow activations (6 s): the first wave is still going when abort is clicked.
@@ -202,14 +202,14 @@ def test_the_device_list_filters_and_pages_10000_devices(
 
     page.goto(f"{c.url}/console/#/devices")
     page.wait_for_selector("#range")
-    assert page.inner_text("#range") == "1–50 of 10000"
+    assert page.inner_text("#range") == "1-50 of 10000"
     assert len(page.query_selector_all("#devices tbody tr")) == 50
     page.click("#next")
-    expect(page.locator("#range")).to_have_text(re.compile("^51–"))
-    assert page.inner_text("#range") == "51–100 of 10000"
+    expect(page.locator("#range")).to_have_text(re.compile("^51-"))
+    assert page.inner_text("#range") == "51-100 of 10000"
     assert page.inner_text("#devices tbody tr:first-child td:first-child") == "dev-00050"
     page.click("#prev")
-    expect(page.locator("#range")).to_have_text(re.compile("^1–"))
+    expect(page.locator("#range")).to_have_text(re.compile("^1-"))
 
     # Filters, combined, from the form (the server filters; the page shows one page).
     page.fill("#f-profile", "jetson")
@@ -217,7 +217,7 @@ def test_the_device_list_filters_and_pages_10000_devices(
     page.fill("#f-group", "g0")
     page.click("#filters button[type=submit]")
     expect(page.locator("#range")).to_have_text(re.compile("of 667$"))
-    assert page.inner_text("#range") == "1–50 of 667"
+    assert page.inner_text("#range") == "1-50 of 667"
     ids = [e.inner_text() for e in page.query_selector_all("#devices tbody tr td:first-child")]
     assert all(int(i[4:]) % 12 == 0 and int(i[4:]) % 10 for i in ids)
     page.fill("#f-error", "out of memory")
@@ -248,3 +248,32 @@ def test_the_device_list_filters_and_pages_10000_devices(
     page.wait_for_url(re.compile(r"/console/login$"))
     page.goto(f"{c.url}/console/")
     assert page.url.endswith("/console/login")
+
+
+def test_a_failing_rollout_shows_its_errors_grouped_per_wave(
+        mosquitto: Any, controllers: Any, sims: Any, browser: Any, tmp_path: Path) -> None:
+    c: Controller = controllers(mosquitto).start()
+    sim: SimThread = sims(mosquitto, 20, activation_s=0.2, failing=0.4)
+    until(lambda: c.inventory() == 20, "20 devices in the inventory")
+    failing = [d for d in sim.sim.devices if d.fails("mlp", 2)]
+    assert failing
+    status, r = c.api("POST", "/v1/fleet/rollouts", {  # started by the CLI's API this time
+        "model": "mlp", "version": 2, "group": "sim", "waves": "50%,100%", "min_devices": 1,
+        "max_failures": "100%"})
+    assert status == 201, r
+    page = open_console(browser, c, tmp_path)
+    page.goto(f"{c.url}/console/#/rollouts")
+    page.wait_for_selector(f"#rollouts tr[data-rollout='{r['rollout_id']}']")
+    page.click(f"#rollouts tr[data-rollout='{r['rollout_id']}'] a")
+    # Live: the page follows it to the end by itself.
+    page.wait_for_selector("h1 .pill.done", timeout=90_000)
+    final = c.get(f"/v1/fleet/rollouts/{r['rollout_id']}")
+    assert final["counts"]["failed"] == len(failing)
+    assert counts_in(page, "#progress")["failed"] == len(failing)
+    errors = page.query_selector_all("#waves ul.errors li")
+    assert errors
+    for li in errors:
+        assert "v2 failed its checks on this device" in li.inner_text()
+    total = sum(int(li.get_attribute("data-devices")) for li in errors)
+    assert total == len(failing)
+    shot(page, tmp_path, "rollout-failed")

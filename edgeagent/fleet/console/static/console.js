@@ -261,7 +261,7 @@ async function deviceList(main, m, mine) {
   const pager = h("div", {cls: "pager"},
     prev ? h("a", {href: prev, id: "prev"}, "‹ previous") : h("span", {cls: "muted"}, "‹ previous"),
     h("span", {id: "range"}, page.devices.length ?
-      `${start + 1}–${start + page.devices.length} of ${page.total}` : `0 of ${page.total}`),
+      `${start + 1}-${start + page.devices.length} of ${page.total}` : `0 of ${page.total}`),
     next ? h("a", {href: next, id: "next"}, "next ›") : h("span", {cls: "muted"}, "next ›"));
   paint(main, mine, h("h1", {}, "Devices"), form, pager,
     h("table", {id: "devices"}, h("thead", {}, h("tr", {}, ["device", "state", "last seen",
@@ -525,7 +525,7 @@ async function rolloutPage(main, m, mine) {
       h("span", {cls: "muted"}, ` share ${w.share} %, ${inWave} devices, started ${ago(w.started)}`),
       bar(counts, inWave), legend(counts),
       errors.length ? h("ul", {cls: "errors"}, errors.map((e) =>
-        h("li", {}, h("span", {cls: "err"}, e.error), ` — ${e.devices} device${e.devices === 1 ? "" : "s"}`))) : null);
+        h("li", {"data-devices": e.devices}, h("span", {cls: "err"}, e.error), ` — ${e.devices} device${e.devices === 1 ? "" : "s"}`))) : null);
   });
   paint(main, mine,
     h("h1", {}, `Rollout ${id} `, pill(r.phase)),
