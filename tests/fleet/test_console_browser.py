@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.console import fill_inventory
 from tests.fleet.conftest import Controller, SimThread, until
-from tests.fleet.test_console_http import _fill
 
 CHROMIUM = os.environ.get("EDGEAGENT_TEST_CHROMIUM", "/usr/bin/chromium")
 
@@ -194,7 +194,7 @@ def test_a_rollout_started_watched_and_aborted_from_the_console(  # noqa: PLR091
 def test_the_device_list_filters_and_pages_10000_devices(
         mosquitto: Any, controllers: Any, browser: Any, tmp_path: Path) -> None:
     c: Controller = controllers(mosquitto).start()
-    _fill(str(c.dir / "fleet.db"), 10_000)
+    fill_inventory(str(c.dir / "fleet.db"), 10_000)
     page = open_console(browser, c, tmp_path)
     page.wait_for_selector("#card-devices [data-total='10000']")
     assert "jetson" in page.inner_text("#card-profiles")

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.console import fill_inventory
 from edgeagent.fleet.console.app import group_errors
-from edgeagent.fleet.store import Batch, open_store
 from tests.fleet.conftest import Controller
 
 OPEN: list[httpx.Client] = []
@@ -125,29 +125,9 @@ def test_actions_need_the_csrf_token_and_the_console_origin(mosquitto: Any,
     assert other.get("/v1/fleet/status").status_code == 401
 
 
-def _fill(db: str, n: int) -> None:
-    """n devices written through the store's ingest path (as the controller's ingest does)."""
-    store = open_store(db)
-    now = time.time()
-    for start in range(0, n, 1000):
-        batch = Batch()
-        for i in range(start, min(n, start + 1000)):
-            u = batch.device(f"dev-{i:05d}")
-            u.seen = now
-            u.status = {"state": "online" if i % 10 else "offline", "ts": now, "version": "1"}
-            err = "mlp: session failed: out of memory" if i % 97 == 0 else None
-            u.reported = {"ts": now, "tags": [f"g{i % 4}"],
-                          "profile": {"name": "jetson" if i % 3 == 0 else "cpu"},
-                          "models": {"mlp": {"version": 1 + i % 2, "state": "ready",
-                                             "source": "config", "source_kind": "config",
-                                             "last_error": err}}}
-        store.apply(batch)
-    store.close()
-
-
 def test_device_filters_count_and_paginate(mosquitto: Any, controllers: Any) -> None:
     c: Controller = controllers(mosquitto).start()
-    _fill(str(c.dir / "fleet.db"), 1200)
+    fill_inventory(str(c.dir / "fleet.db"), 1200)
     every = c.get("/v1/fleet/devices?total=1&limit=1")
     assert every["total"] == 1200 and every["next"] == "dev-00000"
     expect = {"profile=jetson": 400, "group=g1": 300, "model=mlp&version=2": 600,
