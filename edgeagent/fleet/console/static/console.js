@@ -146,6 +146,7 @@ async function route() {
     // A view returns its refresh function; live views are called again every POLL_MS.
     const tick = async () => {
       if (mine !== generation) return;
+      if (document.hidden) { timer = setTimeout(tick, POLL_MS); return; }  // no polls unseen
       let again = false;
       try {
         again = await view(main, m, mine);
@@ -431,8 +432,8 @@ async function devicePage(main, m, mine) {
 async function rolloutList(main, _m, mine) {
   const {rollouts} = await api("GET", "/v1/fleet/rollouts?limit=50");
   paint(main, mine, h("h1", {}, "Rollouts"),
-    h("div", {cls: "actions"}, h("a", {href: "#/rollouts/new", id: "new-rollout"},
-      h("button", {type: "button", cls: "primary"}, "Start a rollout…"))),
+    h("div", {cls: "actions"}, h("a", {href: "#/rollouts/new", id: "new-rollout",
+      cls: "button primary"}, "Start a rollout…")),
     rollouts.length ? h("table", {id: "rollouts"}, h("thead", {}, h("tr", {}, ["rollout", "kind",
       "model", "target", "phase", "wave", "progress", "summary"].map((x) => h("th", {}, x)))),
     h("tbody", {}, rollouts.map((r) => h("tr", {"data-rollout": r.rollout_id},
@@ -552,16 +553,17 @@ async function rolloutPage(main, m, mine) {
 
 // -- start ------------------------------------------------------------------------------------
 async function start() {
+  // The page's first read and the session's CSRF token, fetched together.
+  const session = api("GET", "/console/api/session");
+  window.addEventListener("hashchange", route);
+  route();
   try {
-    csrf = (await api("GET", "/console/api/session")).csrf;
+    csrf = (await session).csrf;
   } catch (e) { return; }
   document.getElementById("logout").addEventListener("click", async () => {
     await api("POST", "/console/logout");
     location.assign("/console/login");
   });
-  window.addEventListener("hashchange", route);
-  document.addEventListener("visibilitychange", () => { if (!document.hidden) route(); });
-  route();
 }
 
 document.addEventListener("DOMContentLoaded", start);
