@@ -347,10 +347,13 @@ class Store(ABC):
                              "GROUP BY model ORDER BY model")
         out_models: dict[str, dict[str, Any]] = {}
         for model, version, kind, n in models:
-            m = out_models.setdefault(model, {"versions": {}, "sources": {}})
+            m = out_models.setdefault(model, {"versions": {}, "sources": {}, "decided": {}})
             key = str(version) if version is not None else "none"
             m["versions"][key] = m["versions"].get(key, 0) + int(n)
             m["sources"][kind or "unknown"] = m["sources"].get(kind or "unknown", 0) + int(n)
+            # Per version, what decided it (the console's overview).
+            d = m["decided"].setdefault(key, {})
+            d[kind or "unknown"] = d.get(kind or "unknown", 0) + int(n)
         return {"devices": sum(by_state.values()), "by_state": by_state,
                 "groups": {str(t): int(n) for t, n in groups}, "models": out_models,
                 "with_errors": int(errors[0][0]),

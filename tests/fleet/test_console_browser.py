@@ -108,8 +108,8 @@ def test_a_rollout_started_watched_and_aborted_from_the_console(  # noqa: PLR091
     page = open_console(browser, c, tmp_path)
     page.wait_for_selector("#card-devices [data-total='20']")
     assert "sim" in page.inner_text("#card-profiles")
-    assert "v1: 20" in page.inner_text("#card-models")
-    assert "config: 20" in page.inner_text("#card-models")  # what decided the version
+    row = page.inner_text("#card-models tr[data-model=mlp][data-version='1']")
+    assert "v1" in row and "20" in row and "config: 20" in row  # what decided the version
 
     # A device page: its models and telemetry charts.
     page.goto(f"{c.url}/console/#/device/sim-000003")
@@ -277,3 +277,13 @@ def test_a_failing_rollout_shows_its_errors_grouped_per_wave(
     total = sum(int(li.get_attribute("data-devices")) for li in errors)
     assert total == len(failing)
     shot(page, tmp_path, "rollout-failed")
+    # The overview says which version each device runs and what decided it.
+    page.goto(f"{c.url}/console/#/")
+    ran = 20 - len(failing)
+    row = page.locator("#card-models tr[data-model=mlp][data-version='2']")
+    expect(row).to_contain_text(f"group-rollout: {ran}", timeout=30_000)
+    # The devices that failed v2 still run v1, and are the model's failing devices.
+    cells = page.inner_text("#card-models tr[data-model=mlp][data-version='1']").split("\t")
+    assert cells[0] == "mlp" and cells[1] == "v1" and cells[2] == str(len(failing))
+    assert cells[4] == str(len(failing))
+    shot(page, tmp_path, "overview-after-rollout")

@@ -90,6 +90,14 @@ def test_a_wrong_token_is_refused(mosquitto: Any, controllers: Any) -> None:
         forged = client_for(c, cookies={"edgeagent_console": bad})
         assert forged.get("/v1/fleet/status").status_code == 401
         assert forged.get("/console/").status_code == 303
+    # An oversized sign-in form is refused before it is read whole.
+    client = sign_in(c, "x")
+    r = client.post("/console/login", content=b"token=" + b"a" * 10_000,
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "set-cookie" not in r.headers
+    r = client.post("/console/login", content=b"\xff\xfe=\x00", headers={
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 401
     # Sign-in from a foreign page (login CSRF) is refused even with the right token.
     r = httpx.post(f"{c.url}/console/login", data={"token": c.token},
                    headers={"Origin": "http://evil.example"})
@@ -149,6 +157,13 @@ def test_device_filters_count_and_paginate(mosquitto: Any, controllers: Any) -> 
     status = c.get("/v1/fleet/status")["inventory"]
     assert status["profiles"] == {"cpu": 800, "jetson": 400}
     assert status["failing_models"] == {"mlp": 13}
+    assert status["models"]["mlp"]["decided"] == {"1": {"config": 600}, "2": {"config": 600}}
+    # Bad filters are refused with the parameter named; nothing else changes.
+    for query, why in (("version=two", "version: expected an integer"),
+                       ("state=asleep", "state: expected online"),
+                       ("limit=0", "limit: expected 1 to 1000")):
+        status_code, body = c.api("GET", f"/v1/fleet/devices?{query}&total=1")
+        assert status_code == 400 and why in body["error"], body
 
 
 def test_errors_are_grouped_by_the_wave_that_reached_the_device() -> None:

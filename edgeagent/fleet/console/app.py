@@ -36,7 +36,7 @@ from edgeagent.fleet.console.auth import (
 
 log = logging.getLogger(__name__)
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {
     "content-security-policy": CSP,

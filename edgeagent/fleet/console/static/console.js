@@ -153,7 +153,7 @@ async function route() {
         setLive(!!again);
       } catch (e) {
         if (e.status !== 401) notice(`Could not load: ${e.message}`, true);
-        again = true;
+        again = e.status !== 404 && e.status !== 401;  // gone stays gone; otherwise retry
       }
       if (again && mine === generation) timer = setTimeout(tick, POLL_MS);
     };
@@ -202,13 +202,16 @@ async function overview(main, _m, mine) {
         table(["group", "devices"], Object.entries(inv.groups || {}).map(([g, n]) =>
           h("tr", {}, h("td", {}, link(g, {group: g})), h("td", {cls: "num"}, n))))),
       h("section", {cls: "card wide", id: "card-models"}, h("h2", {}, "Models: versions and what decided them"),
-        models.length ? table(["model", "versions (devices)", "decided by (devices)", "failing"],
-          models.map(([name, m]) => h("tr", {"data-model": name},
-            h("td", {}, link(name, {model: name})),
-            h("td", {cls: "num"}, Object.entries(m.versions).map(([v, n]) =>
-              [link(`v${v}: ${n}`, v === "none" ? {model: name} : {model: name, version: v}), " "])),
-            h("td", {cls: "num"}, Object.entries(m.sources).map(([k, n]) => `${k}: ${n}`).join(", ")),
-            h("td", {cls: "num err"}, (inv.failing_models || {})[name] || "")))) :
+        models.length ? table(["model", "version", "devices", "decided by (devices)", "failing"],
+          models.flatMap(([name, m]) => Object.entries(m.versions).map(([v, n], i) =>
+            h("tr", {"data-model": name, "data-version": v},
+              h("td", {}, i ? "" : link(name, {model: name})),
+              h("td", {cls: "num"}, link(v === "none" ? "none" : `v${v}`,
+                v === "none" ? {model: name} : {model: name, version: v})),
+              h("td", {cls: "num"}, n),
+              h("td", {cls: "num"}, Object.entries((m.decided || {})[v] || {})
+                .map(([k, c]) => `${k}: ${c}`).join(", ")),
+              h("td", {cls: "num err"}, i ? "" : (inv.failing_models || {})[name] || ""))))) :
           h("p", {cls: "muted"}, "No device has reported a model yet.")),
       h("section", {cls: "card wide", id: "card-rollouts"}, h("h2", {}, "Rollouts in progress"),
         s.rollouts.length ? table(["rollout", "model", "target", "phase", "wave", "share"],
