@@ -176,3 +176,13 @@ def test_errors_are_grouped_by_the_wave_that_reached_the_device() -> None:
                                {"error": "oom", "devices": 1}]},
         {"wave": 3, "errors": [{"error": "(no error text)", "devices": 2}]}]
     assert group_errors([], [(5, "x")]) == []
+
+
+def test_the_grouped_errors_need_a_session_or_the_token(mosquitto: Any, controllers: Any) -> None:
+    c: Controller = controllers(mosquitto).start()
+    anon = client_for(c)
+    assert anon.get("/console/api/rollouts/r-1/errors").status_code == 401
+    wrong = client_for(c, headers={"Authorization": "Bearer wrong-token-wrong-token"})
+    assert wrong.get("/console/api/rollouts/r-1/errors").status_code == 401
+    status, body = c.api("GET", "/console/api/rollouts/r-1/errors")
+    assert status == 404 and "no rollout 'r-1'" in body["error"]

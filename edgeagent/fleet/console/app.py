@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import secrets
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -208,8 +209,8 @@ class Console:
     async def rollout_errors(self, request: Request) -> Response:
         """The failed members' errors grouped per wave: {"waves": [{"wave": 1, "errors":
         [{"error": "...", "devices": 3}, ...]}, ...]}."""
-        if self._nonce(request) is None and dict(request.scope["headers"]).get(
-                b"authorization") != self._bearer:
+        given = dict(request.scope["headers"]).get(b"authorization", b"")
+        if self._nonce(request) is None and not secrets.compare_digest(given, self._bearer):
             return _json({"error": "not signed in (or the session expired)"}, 401)
         rid = request.path_params["rollout_id"]
         store = self.controller.store
