@@ -523,10 +523,11 @@ async function rolloutPage(main, m, mine) {
         " ", h("span", {cls: "muted"}, "not started"));
     }
     const counts = w.counts;
-    const inWave = CATS.filter((c) => c !== "untouched").reduce((a, c) => a + (counts[c] || 0), 0);
+    // The wave's members (after an abort, those that never switched count as untouched).
+    const inWave = CATS.reduce((a, c) => a + (counts[c] || 0), 0);
     return h("div", {cls: "wave", "data-wave": i + 1, "data-result": w.result},
       h("strong", {}, `Wave ${i + 1}: ${pct} %`), " ", pill(w.result, w.result === "complete" ? "done" : w.result),
-      h("span", {cls: "muted"}, ` share ${w.share} %, ${inWave} devices, started ${ago(w.started)}`),
+      h("span", {cls: "muted"}, ` share ${w.share} %, ${inWave} device${inWave === 1 ? "" : "s"}, started ${ago(w.started)}`),
       bar(counts, inWave), legend(counts),
       errors.length ? h("ul", {cls: "errors"}, errors.map((e) =>
         h("li", {"data-devices": e.devices}, h("span", {cls: "err"}, e.error), ` — ${e.devices} device${e.devices === 1 ? "" : "s"}`))) : null);
@@ -538,7 +539,8 @@ async function rolloutPage(main, m, mine) {
         r.from_version ? h("span", {cls: "muted"}, ` (from v${r.from_version})`) : ""),
       h("dt", {}, "target"), h("dd", {}, `${target(r.target)}, ${r.members} devices`),
       h("dt", {}, "plan"), h("dd", {}, `waves ${plan.map((x) => `${x}%`).join(", ")}; abort above ` +
-        `${r.plan.max_failures} % failures; at least ${r.plan.min_devices} devices per wave; ` +
+        `${r.plan.max_failures} % failures; at least ${r.plan.min_devices} ` +
+        `device${r.plan.min_devices === 1 ? "" : "s"} per wave; ` +
         `${r.plan.wave_timeout_s} s per wave`),
       h("dt", {}, "now"), h("dd", {id: "summary"}, r.summary),
       h("dt", {}, "document"), h("dd", {}, `${r.document.state} at ${r.document.share} %` +
