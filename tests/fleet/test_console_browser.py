@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ from typing import Any
 import pytest
 
 from benchmarks.console import fill_inventory
+from edgeagent.fleet.store import Batch, open_store
 from tests.fleet.conftest import Controller, SimThread, until
 
 CHROMIUM = os.environ.get("EDGEAGENT_TEST_CHROMIUM", "/usr/bin/chromium")
 
 pytestmark = pytest.mark.slow
+
+EVIL = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
 
 
 @pytest.fixture
@@ -149,6 +153,15 @@ def test_a_rollout_started_watched_and_aborted_from_the_console(  # noqa: PLR091
     assert "running" in page.inner_text("h1")
     shot(page, tmp_path, "rollout")
 
+    # Pause and resume, each confirmed.
+    page.click("#pause")
+    confirm(page)
+    page.wait_for_selector("h1 .pill.paused")
+    assert c.get(f"/v1/fleet/rollouts/{rid}")["phase"] == "paused"
+    page.click("#resume")
+    confirm(page)
+    page.wait_for_selector("h1 .pill.running")
+
     # Abort, confirmed; the devices that switched are seen going back.
     page.click("#abort")
     assert "goes back" in page.inner_text("#confirm-body")
@@ -191,7 +204,7 @@ def test_a_rollout_started_watched_and_aborted_from_the_console(  # noqa: PLR091
     assert page.errors == []
 
 
-def test_the_device_list_filters_and_pages_10000_devices(
+def test_the_device_list_filters_and_pages_10000_devices(  # noqa: PLR0915 - one story
         mosquitto: Any, controllers: Any, browser: Any, tmp_path: Path) -> None:
     c: Controller = controllers(mosquitto).start()
     fill_inventory(str(c.dir / "fleet.db"), 10_000)
@@ -233,6 +246,29 @@ def test_the_device_list_filters_and_pages_10000_devices(
     page.click("#filters button[type=submit]")
     expect(page.locator("#range")).to_have_text(re.compile("of 5000$"))
     shot(page, tmp_path, "devices")
+
+    # A device whose reports carry markup: the console shows it as text, never runs it.
+    store = open_store(str(c.dir / "fleet.db"))
+    batch = Batch()
+    evil = batch.device("dev-evil")
+    evil.seen = time.time()
+    evil.reported = {"ts": time.time(), "tags": ["<b>g</b>"], "profile": {"name": "<i>p</i>"},
+                     "models": {"mlp": {"version": 1, "last_error": EVIL}}}
+    store.apply(batch)
+    store.close()
+    page.fill("#f-model", "")
+    page.fill("#f-version", "")
+    page.fill("#f-error", "onerror")
+    page.click("#filters button[type=submit]")
+    expect(page.locator("#range")).to_have_text("1-1 of 1")
+    assert EVIL in page.inner_text("#devices tr[data-device=dev-evil]")
+    assert page.query_selector("#devices img") is None
+    assert page.title() == "edgeagent fleet"
+    page.click("#devices tr[data-device=dev-evil] a")
+    page.wait_for_selector("#models tr[data-model=mlp]")
+    assert EVIL in page.inner_text("#models")
+    assert page.query_selector("main img, main b, main i") is None
+    assert page.title() == "edgeagent fleet"
 
     # An action without the session's CSRF token, or from another origin, is refused.
     refused = page.evaluate("""async () => {
