@@ -116,6 +116,9 @@ def test_wheel_carries_profiles_and_converters(tmp_path: Path) -> None:
     assert "edgeagent/device_profiles/x86-64-cpu.toml" in profiles
     assert len(profiles) >= 10
     assert "edgeconvert/cli.py" in names
+    # The fleet console's assets are package data (docs/console.md).
+    assert {f"edgeagent/fleet/console/static/{f}" for f in
+            ("index.html", "console.js", "console.css", "favicon.svg")} <= names
     assert not any(n.startswith(("tests/", "converters/", "dashboards/")) for n in names)
 
 

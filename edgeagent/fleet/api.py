@@ -24,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeagent.errors import EdgeAgentError
+from edgeagent.fleet.console import Console
 from edgeagent.fleet.controller import FleetController
 from edgeagent.fleet.rollouts import RolloutRefused
 from edgeagent.fleet.store import StoreError
@@ -144,12 +145,18 @@ def build_app(c: FleetController, token: str) -> ASGIApp:  # noqa: PLR0915 - one
             raise ApiError(400, f"state: expected online, offline, stopped, silent or unknown, "
                                 f"got {state!r}")
         after = r.query_params.get("after", "")
-        rows = await run_in_threadpool(
-            c.store.devices, group=r.query_params.get("group"),
-            model=r.query_params.get("model"), version=version, state=state, after=after,
-            limit=limit, now=time.time(), offline_after_s=inv.offline_after_s)
+        q = r.query_params
+        filters = {"group": q.get("group"), "model": q.get("model"), "version": version,
+                   "state": state, "profile": q.get("profile"), "error": q.get("error"),
+                   "now": time.time(), "offline_after_s": inv.offline_after_s}
+        rows = await run_in_threadpool(lambda: c.store.devices(after=after, limit=limit,
+                                                               **filters))  # type: ignore[arg-type]
         nxt = rows[-1]["device_id"] if rows and len(rows) == limit else None
-        return {"devices": rows, "next": nxt}
+        page: dict[str, Any] = {"devices": rows, "next": nxt}
+        if q.get("total") in ("1", "true"):
+            page["total"] = await run_in_threadpool(
+                lambda: c.store.count_devices(**filters))  # type: ignore[arg-type]
+        return page
 
     async def device(r: Request) -> Any:
         found = await run_in_threadpool(c.store.device, r.path_params["device_id"])
@@ -228,4 +235,5 @@ def build_app(c: FleetController, token: str) -> ASGIApp:  # noqa: PLR0915 - one
         Route("/v1/fleet/rollouts/{rollout_id}/{action}", route(act), methods=["POST"]),
         Route("/v1/fleet/rollbacks", route(rollback), methods=["POST"]),
     ]
-    return TokenGuard(Starlette(routes=routes), token)
+    # The web console (/console/...) in front: its session cookie stands for the token.
+    return Console(TokenGuard(Starlette(routes=routes), token), c, token)

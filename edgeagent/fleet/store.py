@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS devices (
   reported TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS devices_last_seen ON devices (last_seen);
+CREATE INDEX IF NOT EXISTS devices_profile ON devices (profile, device_id);
+CREATE INDEX IF NOT EXISTS devices_state ON devices (state, last_seen);
 CREATE TABLE IF NOT EXISTS device_tags (
   tag TEXT NOT NULL, device_id TEXT NOT NULL, position INTEGER NOT NULL,
   PRIMARY KEY (tag, device_id));
@@ -339,39 +341,53 @@ class Store(ABC):
         models = self._rows("SELECT model, version, source_kind, COUNT(*) FROM device_models "
                             "GROUP BY model, version, source_kind ORDER BY model, version")
         errors = self._rows("SELECT COUNT(*) FROM devices WHERE last_error <> ''")
+        profiles = self._rows("SELECT profile, COUNT(*) FROM devices GROUP BY profile "
+                              "ORDER BY profile")
+        failing = self._rows("SELECT model, COUNT(*) FROM device_models WHERE last_error <> '' "
+                             "GROUP BY model ORDER BY model")
         out_models: dict[str, dict[str, Any]] = {}
         for model, version, kind, n in models:
-            m = out_models.setdefault(model, {"versions": {}, "sources": {}})
+            m = out_models.setdefault(model, {"versions": {}, "sources": {}, "decided": {}})
             key = str(version) if version is not None else "none"
             m["versions"][key] = m["versions"].get(key, 0) + int(n)
             m["sources"][kind or "unknown"] = m["sources"].get(kind or "unknown", 0) + int(n)
+            # Per version, what decided it (the console's overview).
+            d = m["decided"].setdefault(key, {})
+            d[kind or "unknown"] = d.get(kind or "unknown", 0) + int(n)
         return {"devices": sum(by_state.values()), "by_state": by_state,
                 "groups": {str(t): int(n) for t, n in groups}, "models": out_models,
-                "with_errors": int(errors[0][0])}
+                "with_errors": int(errors[0][0]),
+                "profiles": {str(p or "unknown"): int(n) for p, n in profiles},
+                "failing_models": {str(m): int(n) for m, n in failing}}
 
-    def devices(self, *, group: str | None = None, model: str | None = None,
-                version: int | None = None, state: str | None = None, after: str = "",
-                limit: int = 100, now: float = 0.0,
-                offline_after_s: float = 0.0) -> list[dict[str, Any]]:
-        """One page of devices in id order, after the cursor ``after``."""
-        where: list[str] = ["d.device_id > ?"]
-        params: list[Any] = [after]
+    @staticmethod
+    def _device_where(*, group: str | None, model: str | None, version: int | None,
+                      state: str | None, profile: str | None, error: str | None,
+                      cutoff: float) -> tuple[list[str], list[Any]]:
+        """The WHERE terms (fixed fragments, values bound) of a device-list filter."""
+        where: list[str] = []
+        params: list[Any] = []
         if group is not None:
             where.append("d.device_id IN (SELECT device_id FROM device_tags WHERE tag = ?)")
             params.append(group)
         if model is not None or version is not None:
             sub: list[str] = []
-            sub_params: list[Any] = []
             if model is not None:
                 sub.append("model = ?")
-                sub_params.append(model)
+                params.append(model)
             if version is not None:
                 sub.append("version = ?")
-                sub_params.append(version)
-            where.append("d.device_id IN (SELECT device_id FROM device_models WHERE "  # noqa: S608 - fixed fragments, values bound
+                params.append(version)
+            where.append("d.device_id IN (SELECT device_id FROM device_models WHERE "  # noqa: S608 - fixed fragments
                          + " AND ".join(sub) + ")")
-            params.extend(sub_params)
-        cutoff = now - offline_after_s
+        if profile is not None:
+            where.append("d.profile = ?")
+            params.append(profile)
+        if error:
+            # A case-insensitive substring of the device's last errors ('%' and '_' literal).
+            escaped = error.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("LOWER(d.last_error) LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped}%")
         if state == "online":
             where.append("d.state = 'online' AND d.last_seen >= ?")
             params.append(cutoff)
@@ -381,6 +397,31 @@ class Store(ABC):
         elif state is not None:
             where.append("d.state = ?")
             params.append(state)
+        return where, params
+
+    def count_devices(self, *, group: str | None = None, model: str | None = None,
+                      version: int | None = None, state: str | None = None,
+                      profile: str | None = None, error: str | None = None, now: float = 0.0,
+                      offline_after_s: float = 0.0) -> int:
+        """How many devices a device-list filter matches (all pages)."""
+        where, params = self._device_where(group=group, model=model, version=version,
+                                           state=state, profile=profile, error=error,
+                                           cutoff=now - offline_after_s)
+        sql = "SELECT COUNT(*) FROM devices d" + (" WHERE " + " AND ".join(where)  # noqa: S608
+                                                  if where else "")
+        return int(self._rows(sql, params)[0][0])
+
+    def devices(self, *, group: str | None = None, model: str | None = None,
+                version: int | None = None, state: str | None = None, after: str = "",
+                limit: int = 100, now: float = 0.0, offline_after_s: float = 0.0,
+                profile: str | None = None, error: str | None = None) -> list[dict[str, Any]]:
+        """One page of devices in id order, after the cursor ``after``."""
+        cutoff = now - offline_after_s
+        where, params = self._device_where(group=group, model=model, version=version,
+                                           state=state, profile=profile, error=error,
+                                           cutoff=cutoff)
+        where.insert(0, "d.device_id > ?")
+        params.insert(0, after)
         params.append(limit)
         sql = ("SELECT d.device_id, d.state, d.last_seen, d.agent_version, d.tags, d.profile, "  # noqa: S608 - fixed fragments, values bound
                "d.last_error, d.first_seen FROM devices d WHERE " + " AND ".join(where)
@@ -581,6 +622,13 @@ class Store(ABC):
                f"(o.outcome IS NULL OR o.outcome NOT IN ({marks})) LIMIT ?")
         return [r[0] for r in self._rows(sql, (rollout_id, threshold, reachable_after, *done,
                                                limit))]
+
+    def failed_members(self, rollout_id: str) -> list[tuple[int, str]]:
+        """(bucket, error) of every member that reported this rollout ``failed``."""
+        rows = self._rows("SELECT m.bucket, o.error FROM rollout_members m JOIN device_rollouts o "
+                          "ON o.rollout_id = m.rollout_id AND o.device_id = m.device_id "
+                          "WHERE m.rollout_id = ? AND o.outcome = 'failed'", (rollout_id,))
+        return [(int(b), str(e)) for b, e in rows]
 
     def mark_late(self, rollout_id: str, threshold: int, reachable_after: float) -> int:
         """Mark the in-share members still without an answer as late (the wave's deadline
