@@ -92,16 +92,19 @@ class FleetState:
     """rollout id -> the version this device ran when it first saw it."""
     outcome: dict[str, Any] = field(default_factory=dict)
     """The desired-state outcome last reported."""
+    switched: list[str] = field(default_factory=list)
+    """Rollout ids whose version this device ran at some point (an abort then "reverts" it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "groups": self.groups, "rollouts": self.rollouts,
-                "bases": self.bases, "outcome": self.outcome}
+                "bases": self.bases, "outcome": self.outcome, "switched": self.switched}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FleetState:
         return cls(data.get("device"), dict(data.get("groups") or {}),
                    {t: dict(m) for t, m in (data.get("rollouts") or {}).items()},
-                   dict(data.get("bases") or {}), dict(data.get("outcome") or {}))
+                   dict(data.get("bases") or {}), dict(data.get("outcome") or {}),
+                   [str(r) for r in data.get("switched") or []])
 
     def remember_base(self, rollout_id: str, base: int | None) -> None:
         if rollout_id in self.bases:
@@ -109,6 +112,10 @@ class FleetState:
         self.bases[rollout_id] = base
         while len(self.bases) > MAX_BASES:
             del self.bases[next(iter(self.bases))]
+
+    def remember_switch(self, rollout_id: str) -> None:
+        if rollout_id not in self.switched:
+            self.switched = [*self.switched, rollout_id][-MAX_BASES:]
 
 
 @dataclass

@@ -382,6 +382,10 @@ class VersionOwner:
                       exc)
             return Outcome(self.decision(name), serving, str(exc))
         self._step("loaded")
+        rollout = decision.rollout
+        if rollout is not None and version == rollout.doc.version:
+            rollout_id = rollout.doc.rollout_id
+            await self._write(lambda s: s.fleet.remember_switch(rollout_id))
         await self._record_active(name, version)
         self._errors.pop(name, None)
         return Outcome(decision, version)
@@ -708,8 +712,9 @@ class VersionOwner:
                     entry.update(outcome="held", error="the model is not configured here")
                 else:
                     decision = self._decisions.get(name) or self.decision(name)
-                    outcome, error = rollout_outcome(rollout, decision, self._serving(name),
-                                                     self._hist(name).failed)
+                    outcome, error = rollout_outcome(
+                        rollout, decision, self._serving(name), self._hist(name).failed,
+                        rollout.doc.rollout_id in self._state.fleet.switched)
                     entry.update(outcome=outcome, error=error)
                 out[rollout.doc.rollout_id] = entry
         return out

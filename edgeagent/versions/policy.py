@@ -182,22 +182,32 @@ def _from_rollout(rollout: Rollout, kind: str) -> Decision:
 
 
 def rollout_outcome(rollout: Rollout, decision: Decision, serving: int | None,
-                    failed: Mapping[int, str]) -> tuple[str, str]:
+                    failed: Mapping[int, str], switched: bool = False) -> tuple[str, str]:
     """How a device stands in a rollout, for ``reported.rollouts`` (pure).
 
+    Args:
+        rollout: The rollout as this device sees it.
+        decision: What decides the rollout's model here now.
+        serving: The version serving.
+        failed: Versions that failed here, with why.
+        switched: Whether this device ran the rollout's version at some point.
+
     Returns:
-        (outcome, error): ``held`` (a more specific source decides the model here), ``applied``
-        (runs the rollout's version), ``failed`` (the version failed here; the last good one
-        serves), ``pending`` (switching), ``reverted`` (aborted; back on the base), ``base``
-        (outside the share, on its base).
+        (outcome, error): ``held`` (a more specific source decides the model here), ``failed``
+        (the rollout's version failed here; the last good one serves; kept after an abort, so a
+        controller's counts stay true), ``applied`` (runs the version), ``pending`` (switching),
+        ``reverted`` (aborted after it had switched; back on the base), ``base`` (outside the
+        share, or aborted before it switched, on its base).
     """
     doc = rollout.doc
     if decision.rollout is None or decision.rollout.doc.rollout_id != doc.rollout_id:
         return "held", f"decided by {decision.source}"
-    if rollout.in_share:
-        if doc.version in failed:
-            return "failed", failed[doc.version]
-        return ("applied", "") if serving == doc.version else ("pending", "")
+    if doc.version in failed:
+        return "failed", failed[doc.version]
     if doc.state == "aborted":
-        return ("reverted", "") if serving == rollout.base else ("pending", "")
+        if serving != rollout.base:
+            return "pending", ""
+        return ("reverted", "") if switched else ("base", "")
+    if rollout.in_share:
+        return ("applied", "") if serving == doc.version else ("pending", "")
     return ("base", "") if serving == rollout.base else ("pending", "")

@@ -92,16 +92,19 @@ def test_fleet_control_is_flagged() -> None:
     assert decide(replace(BASE, groups=[GroupDocs("lab", roll(4, 10))])).fleet
 
 
-@pytest.mark.parametrize(("rollout", "decision_kind", "serving", "failed", "expected"), [
-    (roll(4, 50), "group-rollout", 4, {}, "applied"),
-    (roll(4, 50), "group-rollout", 2, {}, "pending"),
-    (roll(4, 50), "group-rollout", 2, {4: "bad"}, "failed"),
-    (roll(4, 10, base=2), "group-rollout", 2, {}, "base"),
-    (roll(4, 100, "aborted", base=1), "group-rollout", 1, {}, "reverted"),
-    (roll(4, 50), "device", 3, {}, "held"),
+@pytest.mark.parametrize(("rollout", "decision_kind", "serving", "failed", "switched", "expected"), [
+    (roll(4, 50), "group-rollout", 4, {}, True, "applied"),
+    (roll(4, 50), "group-rollout", 2, {}, False, "pending"),
+    (roll(4, 50), "group-rollout", 2, {4: "bad"}, False, "failed"),
+    (roll(4, 100, "aborted", base=2), "group-rollout", 2, {4: "bad"}, False, "failed"),
+    (roll(4, 10, base=2), "group-rollout", 2, {}, False, "base"),
+    (roll(4, 100, "aborted", base=1), "group-rollout", 1, {}, True, "reverted"),
+    (roll(4, 100, "aborted", base=1), "group-rollout", 1, {}, False, "base"),
+    (roll(4, 100, "aborted", base=1), "group-rollout", 4, {}, True, "pending"),
+    (roll(4, 50), "device", 3, {}, False, "held"),
 ])
 def test_rollout_outcomes(rollout: Rollout, decision_kind: str, serving: int,
-                          failed: dict[int, str], expected: str) -> None:
+                          failed: dict[int, str], switched: bool, expected: str) -> None:
     decision = (Decision(rollout.wanted(), decision_kind, "", True, rollout)
                 if decision_kind == "group-rollout" else Decision(3, "device", "device pin"))
-    assert rollout_outcome(rollout, decision, serving, failed)[0] == expected
+    assert rollout_outcome(rollout, decision, serving, failed, switched)[0] == expected
