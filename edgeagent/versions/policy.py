@@ -49,13 +49,19 @@ class Rollout:
 
     @property
     def in_share(self) -> bool:
-        return self.doc.state in ACTIVE_STATES and \
-            self.bucket < share_threshold(self.doc.share)
+        """The device's bucket is inside the document's share (whatever its state)."""
+        return self.bucket < share_threshold(self.doc.share)
+
+    @property
+    def asks_version(self) -> bool:
+        """The rollout asks this device to run its version now (inside the share, not
+        aborted)."""
+        return self.doc.state in ACTIVE_STATES and self.in_share
 
     def wanted(self) -> int | None:
         """The version this rollout asks of the device: its version inside the share, its base
         outside it (or after an abort), None when it has nothing to say (outside, no base)."""
-        return self.doc.version if self.in_share else self.base
+        return self.doc.version if self.asks_version else self.base
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ def decide(inputs: Inputs) -> Decision:
 
 def _from_rollout(rollout: Rollout, kind: str) -> Decision:
     doc = rollout.doc
-    if rollout.in_share:
+    if rollout.asks_version:
         source = doc.describe()
     elif doc.state == "aborted":
         source = f"rollout {doc.rollout_id} aborted: back to its base"
@@ -208,6 +214,6 @@ def rollout_outcome(rollout: Rollout, decision: Decision, serving: int | None,
         if serving != rollout.base:
             return "pending", ""
         return ("reverted", "") if switched else ("base", "")
-    if rollout.in_share:
+    if rollout.asks_version:
         return ("applied", "") if serving == doc.version else ("pending", "")
     return ("base", "") if serving == rollout.base else ("pending", "")
