@@ -80,8 +80,8 @@ def _compare(tmp_path: Path, hub: Hub, server: HubServer) -> None:
             rig.owner.groups = (GROUP,)
             await rig.sync_once()
             assert _agent_view(rig) == _sim_view(sim)
-            for i, (topic, payload) in enumerate(STEPS):
-                topic = topic.replace("{id}", device)
+            for i, (pattern, payload) in enumerate(STEPS):
+                topic = pattern.replace("{id}", device)
                 sim.receive(topic, payload)
                 for model, version in sim.wanted().items():
                     sim.activate(model, version)

@@ -92,7 +92,8 @@ def test_fleet_control_is_flagged() -> None:
     assert decide(replace(BASE, groups=[GroupDocs("lab", roll(4, 10))])).fleet
 
 
-@pytest.mark.parametrize(("rollout", "decision_kind", "serving", "failed", "switched", "expected"), [
+@pytest.mark.parametrize(
+        ("rollout", "decision_kind", "serving", "failed", "switched", "expected"), [
     (roll(4, 50), "group-rollout", 4, {}, True, "applied"),
     (roll(4, 50), "group-rollout", 2, {}, False, "pending"),
     (roll(4, 50), "group-rollout", 2, {4: "bad"}, False, "failed"),
