@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from edgeagent.control.rollout import load_object
 from edgeagent.errors import EdgeAgentError
 from edgeagent.telemetry.topics import NAME_RE
 
@@ -56,17 +57,8 @@ def parse_desired(payload: bytes) -> DesiredDoc | None:
     """
     if not payload:
         return None
-    if len(payload) > MAX_DESIRED_BYTES:
-        raise DesiredStateError(f"payload of {len(payload)} bytes exceeds {MAX_DESIRED_BYTES}")
-    try:
-        doc = orjson.loads(payload)  # bounded: nesting depth and integer size
-    except orjson.JSONDecodeError as exc:
-        raise DesiredStateError(f"not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise DesiredStateError("expected a JSON object")
-    unknown = sorted(set(doc) - {"revision", "models", "ts"})
-    if unknown:
-        raise DesiredStateError(f"unknown key {unknown[0]!r} (known: revision, models)")
+    doc = load_object(payload, MAX_DESIRED_BYTES, {"revision", "models", "ts"},
+                      DesiredStateError)
     revision = doc.get("revision")
     if isinstance(revision, bool) or not isinstance(revision, int) or not 0 <= revision < 2**63:
         raise DesiredStateError(f"revision: expected an integer >= 0, got {revision!r}")

@@ -43,6 +43,28 @@ class RolloutError(EdgeAgentError):
     """A rollout document is malformed."""
 
 
+def load_object(payload: bytes, limit: int, keys: set[str],
+                error: type[EdgeAgentError]) -> dict[str, Any]:
+    """A fleet document's JSON object, bounded: size first, then orjson (nesting depth and
+    integer size), then no keys beyond ``keys``.
+
+    Raises:
+        error: naming what is wrong.
+    """
+    if len(payload) > limit:
+        raise error(f"payload of {len(payload)} bytes exceeds {limit}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise error(f"not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise error("expected a JSON object")
+    unknown = sorted(set(doc) - keys)
+    if unknown:
+        raise error(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+    return doc
+
+
 def bucket(rollout_id: str, device_id: str) -> int:
     """The device's bucket for a rollout, in ``[0, 10000)``."""
     digest = hashlib.sha256(f"{rollout_id}/{device_id}".encode()).digest()
@@ -101,18 +123,8 @@ def parse_rollout(payload: bytes, model: str | None = None) -> RolloutDoc | None
     """
     if not payload:
         return None
-    if len(payload) > MAX_ROLLOUT_BYTES:
-        raise RolloutError(f"payload of {len(payload)} bytes exceeds {MAX_ROLLOUT_BYTES}")
-    try:
-        doc = orjson.loads(payload)  # bounded: nesting depth and integer size
-    except orjson.JSONDecodeError as exc:
-        raise RolloutError(f"not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise RolloutError("expected a JSON object")
-    unknown = sorted(set(doc) - {"rollout_id", "model", "version", "share", "state", "ts"})
-    if unknown:
-        raise RolloutError(f"unknown key {unknown[0]!r} "
-                           "(known: rollout_id, model, version, share, state, ts)")
+    doc = load_object(payload, MAX_ROLLOUT_BYTES,
+                      {"rollout_id", "model", "version", "share", "state", "ts"}, RolloutError)
     rollout_id = doc.get("rollout_id")
     if not isinstance(rollout_id, str) or not NAME_RE.match(rollout_id):
         raise RolloutError(f"rollout_id: expected an id of letters, digits, '_', '.', ':', '-', "
