@@ -26,7 +26,12 @@ from edgeagent.api.services import Services
 from edgeagent.config import AgentConfig, ModelSection, config_dir, read_token
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
-from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
+from edgeagent.device.plan import (
+    TRT_CACHE_DIRNAME,
+    PlanOverrides,
+    ProviderPlan,
+    plan_providers,
+)
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import EdgeAgentError
 from edgeagent.runtime.manager import ModelManager
@@ -85,11 +90,13 @@ class Agent:
 
     # ---- wiring -------------------------------------------------------------------------
 
-    def _plan(self, fmt: str, precision: str, sha256: str) -> ProviderPlan:
+    def _plan(self, fmt: str, precision: str, sha256: str,
+              overrides: PlanOverrides) -> ProviderPlan:
         assert self.facts is not None, "planned before start()"
         assert self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
-                              cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
+                              cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256,
+                              overrides=overrides)
 
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig, load_config
+from edgeagent.config import AgentConfig, ModelSection, load_config
 from edgeagent.errors import EdgeAgentError
 
 log = logging.getLogger("edgeagent")
@@ -86,12 +86,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                           profile_chooser(profile, facts), active)
 
     report = probe_report(Path(args.root), forced, state_dir, profiles_dir=profiles_dir,
-                          hub_variants=hub_variants)
+                          hub_variants=hub_variants, models=model_overrides(config.models))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(format_probe_text(report))
     return 0
+
+
+def model_overrides(models: Sequence[ModelSection]) -> list[Any]:
+    """What ``probe`` shows of the models that override the profile (or are tuned)."""
+    from edgeagent.device.plan import PlanOverrides
+    from edgeagent.device.probe import ModelOverrides
+
+    return [ModelOverrides(m.name, "tflite" if m.path.endswith(".tflite") else "onnx",
+                           PlanOverrides(m.providers, m.threads), m.precision, m.variant,
+                           m.tune.enabled)
+            for m in models
+            if m.providers or m.precision or m.variant or m.threads is not None
+            or m.tune.enabled]
 
 
 def _api_get(config: AgentConfig, path: str) -> Any:
@@ -175,6 +188,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"; target v{m['target']}"
         if m.get("blocked"):
             line += f"; {m['blocked']}"
+        if m.get("overrides"):
+            o = m["overrides"]
+            said = [f"providers {', '.join(o['providers'])}" if o.get("providers") else "",
+                    f"precision {o['precision']}" if o.get("precision") else "",
+                    f"variant {o['variant']}" if o.get("variant") else "",
+                    f"threads {o['threads']}" if o.get("threads") is not None else ""]
+            line += f"; overrides: {', '.join(x for x in said if x)}"
         sched = m.get("scheduling") or {}
         if sched.get("batching", "off") != "off":
             line += f"; batching {sched['batching']} (max {sched['max_batch_size']})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from edgeagent.config import ModelSection
 from edgeagent.control.desired import DesiredDoc, DesiredStateError, parse_desired, revision_hint
 from edgeagent.control.rollout import RolloutDoc, RolloutError, parse_rollout
+from edgeagent.device.plan import PlanOverrides
 from edgeagent.errors import EdgeAgentError, HubError, ModelNotFound, TransientError
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.versions.history import History, ModelHistory, VersionState
@@ -130,6 +132,8 @@ class VersionOwner:
         self._desired = DesiredOutcome()
         self._refusals: dict[str, str] = {}
         """Fleet documents refused, by topic key, with why (reported)."""
+        self._reconfigured: set[str] = set()
+        """Models whose overrides changed (SIGHUP): the serving version is activated again."""
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -196,6 +200,8 @@ class VersionOwner:
         names removed."""
         new = {s.name: s for s in sections}
         removed = [n for n in self._sections if n not in new]
+        self._reconfigured |= {n for n, s in new.items() if n in self._sections
+                               and _overrides(self._sections[n]) != _overrides(s)}
         self._sections = new
         for name in new:
             self.manager.declare(name)
@@ -334,6 +340,9 @@ class VersionOwner:
             # nothing serves yet).
             target = last_good
         outcome = Outcome(decision, serving)
+        if target is not None and target == serving and name in self._reconfigured:
+            serving = None  # the same version, loaded again with the new overrides
+        self._reconfigured.discard(name)
         if target is None or (decision.blocked and target == decision.target) \
                 or target == serving:
             if target is not None and target == serving and self._hist(name).active != target:
@@ -353,14 +362,20 @@ class VersionOwner:
         return outcome
 
     async def _source(self, name: str, version: int) -> ModelSource:
+        """What to load for ``version``: the file the model's overrides (else the profile)
+        pick, with the overrides' providers and threads."""
         section = self._sections[name]
+        overrides = PlanOverrides(section.providers, section.threads)
         if section.path:
             sha = self._hist(name).local.get(version, "")
             source: ModelSource = await self._run(self.local.source, name, version, sha)
-            return source
+            return dataclasses.replace(source, precision=section.precision or source.precision,
+                                       overrides=overrides)
         if self.hub is None:
             raise ModelNotFound(f"model {name!r} comes from the hub, and no hub is configured")
-        return await self.hub.fetch(name, version)
+        source = await self.hub.fetch(name, version, variant=section.variant,
+                                      precision=section.precision)
+        return dataclasses.replace(source, overrides=overrides)
 
     async def _activate(self, name: str, version: int, decision: Decision) -> Outcome:
         """The one activation path (the model's lock is held): get, load, check, swap, record."""
@@ -683,6 +698,11 @@ class VersionOwner:
             "previous": hist.previous,
             "failed": {str(k): v for k, v in sorted(hist.failed.items())},
         }
+        section = self._sections.get(name)
+        if section is not None and (any(_overrides(section)) or section.threads == 0):
+            out["overrides"] = {"providers": list(section.providers),
+                                "precision": section.precision, "variant": section.variant,
+                                "threads": section.threads}
         if decision.blocked:
             out["blocked"] = (f"version {decision.target} failed here before "
                               f"({decision.blocked}); 'edgeagent pull {name}@{decision.target}' "
@@ -725,6 +745,10 @@ class VersionOwner:
 
     def active_versions(self) -> dict[str, int | None]:
         return {n: self._hist(n).active for n in self.names()}
+
+
+def _overrides(section: ModelSection) -> tuple[Any, ...]:
+    return (section.providers, section.precision, section.variant, section.threads)
 
 
 def _forget_failure(state: VersionState, name: str, version: int) -> None:
