@@ -30,6 +30,7 @@ from edgeagent.device.plan import (
     TRT_CACHE_DIRNAME,
     PlanOverrides,
     ProviderPlan,
+    loadable_variants,
     plan_providers,
 )
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
@@ -38,6 +39,7 @@ from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 from edgeagent.service.reload import ReloadPlan, plan_reload
+from edgeagent.tuning import TimedMeasurer, Tuner, TuningMemory, TuningService, box_facts
 from edgeagent.versions.owner import VersionOwner, summary
 
 if TYPE_CHECKING:
@@ -98,6 +100,26 @@ class Agent:
                               cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256,
                               overrides=overrides)
 
+    def _tuning(self) -> TuningService:
+        """On-box tuning with the runtimes, planner, box and state directory of this agent."""
+        assert self.facts is not None
+        assert self.profile is not None
+        profile, facts = self.profile.profile, self.facts
+
+        def variant_plan(fmt: str, precision: str, overrides: PlanOverrides) -> ProviderPlan:
+            return plan_providers(profile, facts, fmt, precision,
+                                  cache_dir=self.state_dir / TRT_CACHE_DIRNAME,
+                                  model_hash="candidates", overrides=overrides)
+
+        def loadable(variants: Any) -> tuple[list[Any], list[tuple[Any, str]]]:
+            ranking = loadable_variants(profile, facts, variants)
+            return list(ranking.ranked), [(r.variant, r.reason) for r in ranking.rejected]
+
+        return TuningService(Tuner(self.registry, self._plan, TimedMeasurer()),
+                             TuningMemory(self.state_dir), box=box_facts(facts),
+                             cpu_count=facts.cpu_count or os.cpu_count() or 1,
+                             planner=variant_plan, loadable=loadable)
+
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models
 
@@ -133,6 +155,7 @@ class Agent:
             self.owner.hub = HubSource(self.config.hub, self.state_dir,
                                        profile_chooser(self.profile.profile, self.facts),
                                        base_dir=self.base_dir)
+        self.owner.tuning = self._tuning()
         self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
         # What the box has serves at once; the hub poll brings the rest.
         await self.owner.start(models)
@@ -267,7 +290,8 @@ class Agent:
                 "models": {m["name"]: {k: m.get(k) for k in (
                     "state", "version", "variant", "format", "precision", "provider",
                     "fallback", "last_error", "source", "source_kind", "target",
-                    "operator_pin", "blocked")} for m in status["models"]},
+                    "operator_pin", "blocked", "overrides", "tuned", "tuning")}
+                    for m in status["models"]},
                 "rollouts": self.owner.rollouts(), "desired": self.owner.desired(),
                 "refused": self.owner.refusals()}
 
