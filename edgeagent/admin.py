@@ -301,6 +301,9 @@ def format_tune(result: dict[str, Any]) -> str:
                      f"{chosen['threads'] or 'default'} thread(s), batch {chosen['batch']}"
                      + (f"; {margin:.2f}x the default ({result['objective']}), noise "
                         f"{100 * result['noise']:.1f} %" if margin else ""))
+    if result.get("confirm"):
+        lines.append("paired re-measurement (winner over default): "
+                     + ", ".join(f"{r:.2f}x" for r in result["confirm"]))
     lines.append(f"searched {len(result['rows'])} candidate(s) in {result['elapsed_s']:.0f} s "
                  f"of a {result['budget_s']:g} s budget")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,11 @@ from edgeagent.tuning.candidates import BUILTIN, Candidate, VariantFile
 from edgeagent.tuning.measure import Clock, Figures, Measurer, Pruned, batchable
 
 log = logging.getLogger(__name__)
+
+#: The share of the budget kept for confirming a winner against the default.
+CONFIRM_SHARE = 0.25
+#: Alternating default/winner measurements in the confirmation.
+CONFIRM_PAIRS = 3
 
 #: Resident memory of this process in MB (injected: tests give a fake).
 MemoryReader = Callable[[], float]
@@ -89,6 +95,8 @@ class TuneResult:
     elapsed_s: float = 0.0
     budget_s: float = 0.0
     ts: float = field(default_factory=time.time)
+    confirm: list[float] = field(default_factory=list)
+    """The winner's ratios over the default in the paired re-measurement (empty: none)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "objective": self.objective,
@@ -96,7 +104,7 @@ class TuneResult:
                 "default": self.default.to_dict(), "rows": [r.to_dict() for r in self.rows],
                 "margin": None if self.margin is None else round(self.margin, 4),
                 "noise": round(self.noise, 4), "elapsed_s": round(self.elapsed_s, 2),
-                "budget_s": self.budget_s, "ts": self.ts}
+                "budget_s": self.budget_s, "ts": self.ts, "confirm": self.confirm}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TuneResult:
@@ -106,7 +114,7 @@ class TuneResult:
                    Candidate.from_dict(raw["default"]), [Row.from_dict(r) for r in raw["rows"]],
                    raw.get("margin"), float(raw.get("noise", 0.0)),
                    float(raw.get("elapsed_s", 0.0)), float(raw.get("budget_s", 0.0)),
-                   float(raw.get("ts", 0.0)))
+                   float(raw.get("ts", 0.0)), [float(r) for r in raw.get("confirm", [])])
 
     def summary(self) -> dict[str, Any]:
         """What ``status`` and MQTT ``reported`` carry."""
@@ -166,7 +174,9 @@ class Tuner:
         tune = section.tune
         by_file = {v.file: v for v in files}
         start = self.clock()
-        deadline = start + tune.budget_s
+        end = start + tune.budget_s
+        # The last part of the budget confirms a winner against the default, paired.
+        deadline = end - (CONFIRM_SHARE * tune.budget_s if len(cands) > 1 else 0.0)
         rows = [Row(c, default=(i == 0)) for i, c in enumerate(cands)]
         best_p50: float | None = None
         for i, row in enumerate(rows):
@@ -186,9 +196,63 @@ class Tuner:
             if progress is not None:
                 progress(i + 1, len(rows), row)
         result = self._choose(section, version, rows)
+        if result.chosen is not None and result.chosen != result.default \
+                and not self.stopped.is_set():
+            self._confirm(result, rows, by_file, end, tune)
         result.elapsed_s = self.clock() - start
         result.budget_s = tune.budget_s
         return result
+
+    def _confirm(self, result: TuneResult, rows: list[Row], by_file: Mapping[str, VariantFile],
+                 end: float, tune: TuneSection) -> None:
+        """Measure the default and the winner alternately (:data:`CONFIRM_PAIRS` pairs) in
+        what is left of the budget; the winner stays only if the median of the pair ratios
+        beats the default by more than ``min_gain`` and by more than the ratios' spread.
+        Paired runs see the same neighbours' load, so a busy spell cannot make a winner."""
+        default = next(r for r in rows if r.default)
+        chosen = next(r for r in rows if r.outcome == "chosen")
+        models: list[LoadedModel] = []
+        ratios: list[float] = []
+        try:
+            for row in (default, chosen):
+                c = row.candidate
+                source = by_file[c.variant].source
+                assert source is not None
+                plan = self.planner(c.format, c.precision, by_file[c.variant].sha256,
+                                    c.overrides)
+                models.append(self.registry.for_format(c.format).load(source.path, plan))
+            for pair in range(CONFIRM_PAIRS):
+                got: list[Figures] = []
+                for row, model in zip((default, chosen), models, strict=True):
+                    now = self.clock()
+                    left = (end - now) / (2 * (CONFIRM_PAIRS - pair))
+                    got.append(self.measurer.measure(row.candidate, model,
+                                                     row.candidate.batch, now + left, None))
+                ratios.append(_gain(tune.objective, got[1], got[0]))
+        except (EdgeAgentError, Pruned) as exc:
+            log.warning("tuning %s: the paired re-measurement failed (%s)", result.model, exc)
+            ratios = []
+        finally:
+            for model in models:
+                model.close()
+            release_free_heap()
+        if not ratios:
+            return
+        median = statistics.median(ratios)
+        spread = max(ratios) - min(ratios)
+        result.confirm = [round(r, 4) for r in ratios]
+        if median - 1 > max(tune.min_gain, spread):
+            result.margin = median
+            result.noise = max(result.noise, spread)
+            chosen.why = f"best by the objective; {median:.2f}x the default in " \
+                         f"{len(ratios)} paired runs (spread {spread:.2f})"
+            return
+        chosen.outcome = "lost"
+        chosen.why = (f"best in the search, but {median:.2f}x the default in {len(ratios)} "
+                      f"paired runs (spread {spread:.2f}): not beyond the noise")
+        default.outcome, default.why = "chosen", "the default: the winner did not hold up"
+        result.chosen, result.margin = default.candidate, 1.0
+        result.noise = max(result.noise, spread)
 
     def _try(self, row: Row, variant: VariantFile, deadline: float, beat_p50: float | None,
              tune: TuneSection) -> None:

@@ -141,6 +141,7 @@ class VersionOwner:
         self._tune_tasks: dict[str, asyncio.Task[None]] = {}
         self._tune_errors: dict[str, str] = {}
         """Why a tuned configuration did not activate (the default serves instead)."""
+        self._tuning_now: set[str] = set()
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -506,11 +507,20 @@ class VersionOwner:
         section = self.known(name)
         if self.tuning is None:
             raise EdgeAgentError("tuning is not available in this agent")
-        if name in self.tuning.running:
+        if name in self._tuning_now:
             raise EdgeAgentError(f"model {name!r} is being tuned already")
         version = self._serving(name)
         if version is None:
             raise ModelNotReady(f"model {name!r} is not serving: nothing to tune")
+        self._tuning_now.add(name)
+        try:
+            return await self._tune(name, section, version, progress)
+        finally:
+            self._tuning_now.discard(name)
+
+    async def _tune(self, name: str, section: ModelSection, version: int,
+                    progress: ProgressHook | None) -> TuneResult:
+        assert self.tuning is not None
         async with self._lock(name):
             default = await self._default_source(name, version)
             plan = await self._tuning_plan(name, version, default)

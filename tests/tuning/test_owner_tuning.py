@@ -66,7 +66,8 @@ def test_tuned_after_activation_reused_after_restart_and_again_when_the_box_chan
         first = TableMeasurer(FakeClock(), FASTER)
         async with Agent(state, model, first) as agent:
             await _settled(agent.owner)
-            assert len(first.measured) == 3  # threads 0 (the default), 1 and 2
+            # threads 0 (the default), 1 and 2; then 3 pairs confirming the winner
+            assert len(first.measured) == 3 + 6
             mv = agent.manager.get("m")
             assert mv.source.tuned == TUNED and mv.plan.threads == 1
             tuning = agent.owner.describe("m")["tuning"]
@@ -130,6 +131,7 @@ def test_on_demand_and_refusals(tmp_path: Path) -> None:
             seen: list[int] = []
             result = await agent.owner.tune("m", lambda done, total, row: seen.append(done))
             assert seen == [1, 2, 3]
+            assert result.confirm == [2.0, 2.0, 2.0]
             assert result.chosen is not None and result.chosen.threads == 1
             assert agent.manager.get("m").source.tuned == TUNED
             with pytest.raises(ModelNotFound, match="unknown model 'nope'"):

@@ -62,16 +62,44 @@ def test_a_faster_variant_that_fails_the_checks_is_never_chosen(tmp_path: Path) 
     assert result.chosen is not None
     assert (result.chosen.variant, result.chosen.threads) == ("m.onnx", 1)
     assert result.margin == 1.5
+    assert result.confirm == [1.5, 1.5, 1.5]  # the paired runs agree
 
 
 def test_the_budget_ends_the_search_and_says_so(tmp_path: Path) -> None:
-    result, measurer, clock = _search(tmp_path, {}, cost_s=10.0, budget_s=25.0)
-    assert len(measurer.measured) == 3  # at 0, 10 and 20 s; at 30 s the budget is spent
+    # 40 s: 30 for the search (candidates at 0, 10 and 20 s), 10 kept to confirm a winner.
+    result, measurer, clock = _search(tmp_path, {}, cost_s=10.0, budget_s=40.0)
+    assert len(measurer.measured) == 3
     untried = [r for r in result.rows if r.outcome == "not tried"]
     assert len(untried) == 3
-    assert all("time budget (25 s) was spent" in r.why for r in untried)
-    assert result.elapsed_s == clock.now == 30.0
-    assert result.chosen is not None
+    assert all("time budget (40 s) was spent" in r.why for r in untried)
+    assert result.elapsed_s == clock.now == 30.0  # all alike: nothing to confirm
+    assert result.chosen == result.default
+
+
+def test_a_winner_that_does_not_hold_up_in_paired_runs_is_not_chosen(tmp_path: Path) -> None:
+    good, _, checks = models(tmp_path)
+    files = [variant(good, checks=checks)]
+    s = section()
+    default = default_candidate(files[0], variant_planner("onnx", "fp32", s_overrides(s)), s)
+    cands = candidates(files, variant_planner, s, 2, default)
+    clock = FakeClock()
+    lucky = Figures(5.0, 6.0, 200.0, 0.01)  # once, in the search; then like the default
+    measurer = TableMeasurer(clock, {("m.onnx", 1): lucky})
+    first = measurer.measure
+
+    def measure(candidate, model, batch, deadline, beat):  # type: ignore[no-untyped-def]
+        figures = first(candidate, model, batch, deadline, beat)
+        if candidate.threads == 1:
+            measurer.table = {}  # type: ignore[misc]
+        return figures
+
+    measurer.measure = measure  # type: ignore[method-assign]
+    result = Tuner(BackendRegistry(), planner, measurer, clock=clock).search(s, 1, files, cands)
+    assert result.chosen == result.default and result.margin == 1.0
+    assert result.confirm == [1.0, 1.0, 1.0]
+    row = next(r for r in result.rows if r.candidate.threads == 1)
+    assert row.outcome == "lost" and "not beyond the noise" in row.why
+    assert clock.now <= s.tune.budget_s
 
 
 def test_within_the_noise_the_default_stays(tmp_path: Path) -> None:
