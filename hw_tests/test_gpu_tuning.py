@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from edgeagent.config import ModelSection, TuneSection
 from edgeagent.device import DeviceFacts, load_profiles, plan_providers, select_profile
 from edgeagent.device.plan import TRT_CACHE_DIRNAME, PlanOverrides, ProviderPlan
