@@ -146,6 +146,17 @@ def _limit_problem(tune: TuneSection, f: Figures) -> str:
     return ""
 
 
+def _label_losers(rows: Sequence[Row], chosen: Row, objective: str) -> None:
+    """Say, for each measured candidate that lost on its figures, by how much."""
+    assert chosen.figures is not None
+    what = "throughput" if objective == "throughput" else "speed (1/p50)"
+    for row in rows:
+        if row.outcome == "lost" and row.figures is not None \
+                and not row.why.startswith("beat the default by only"):
+            ratio = _gain(objective, row.figures, chosen.figures)
+            row.why = f"{what} {ratio:.2f}x of the chosen one's"
+
+
 class Tuner:
     """Runs the search for one model at a time (blocking: call it off the event loop).
 
@@ -253,6 +264,7 @@ class Tuner:
         default.outcome, default.why = "chosen", "the default: the winner did not hold up"
         result.chosen, result.margin = default.candidate, 1.0
         result.noise = max(result.noise, spread)
+        _label_losers([r for r in rows if r is not chosen], default, tune.objective)
 
     def _try(self, row: Row, variant: VariantFile, deadline: float, beat_p50: float | None,
              tune: TuneSection) -> None:
@@ -335,10 +347,7 @@ class Tuner:
             result.noise = max(result.noise, default.figures.noise)
         for row in valid:
             if row.outcome == "measured":
-                assert row.figures is not None
                 row.outcome = "lost"
-                ratio = _gain(objective, row.figures, chosen.figures)
-                what = "throughput" if objective == "throughput" else "p50 latency"
-                row.why = f"{what} {ratio:.2f}x of the chosen one's"
+        _label_losers(rows, chosen, objective)
         result.chosen = chosen.candidate
         return result

@@ -99,6 +99,8 @@ def test_a_winner_that_does_not_hold_up_in_paired_runs_is_not_chosen(tmp_path: P
     assert result.confirm == [1.0, 1.0, 1.0]
     row = next(r for r in result.rows if r.candidate.threads == 1)
     assert row.outcome == "lost" and "not beyond the noise" in row.why
+    other = next(r for r in result.rows if r.candidate.threads == 2)
+    assert other.why == "throughput 1.00x of the chosen one's"  # of the default, now
     assert clock.now <= s.tune.budget_s
 
 
