@@ -96,15 +96,18 @@ class TimedMeasurer:
     Args:
         clock: Seconds, monotonic.
         probe_runs: Runs after which a candidate slower than ``prune_factor`` x the best p50
-            so far is pruned.
+            so far is pruned (and at least ``probe_s`` of them: one scheduling hiccup on a
+            busy box must not prune a model whose runs take microseconds).
         latency_runs: At most this many batch-1 runs (fewer when the slice runs out).
         rounds: Throughput rounds (their spread is the noise).
     """
 
     def __init__(self, clock: Clock = time.perf_counter, *, probe_runs: int = 5,
-                 latency_runs: int = 200, rounds: int = 3, prune_factor: float = 2.0) -> None:
+                 probe_s: float = 0.25, latency_runs: int = 200, rounds: int = 3,
+                 prune_factor: float = 2.0) -> None:
         self.clock = clock
         self.probe_runs = probe_runs
+        self.probe_s = probe_s
         self.latency_runs = latency_runs
         self.rounds = rounds
         self.prune_factor = prune_factor
@@ -116,13 +119,18 @@ class TimedMeasurer:
         start = self.clock()
         half = start + (deadline - start) / 2
         times: list[float] = []
+        probe_until = min(start + self.probe_s, half)
+        probing = beat_p50_ms is not None
         while len(times) < self.latency_runs and (len(times) < self.probe_runs
                                                   or self.clock() < half):
             t0 = self.clock()
             model.run(one)
             times.append((self.clock() - t0) * 1000)
-            if len(times) == self.probe_runs and beat_p50_ms is not None \
-                    and statistics.median(times) > self.prune_factor * beat_p50_ms:
+            if not probing or len(times) < self.probe_runs or self.clock() < probe_until:
+                continue
+            probing = False
+            assert beat_p50_ms is not None
+            if statistics.median(times) > self.prune_factor * beat_p50_ms:
                 raise Pruned(f"p50 {statistics.median(times):.3f} ms after {len(times)} runs, "
                              f"over {self.prune_factor:g}x the best so far "
                              f"({beat_p50_ms:.3f} ms)")

@@ -146,8 +146,10 @@ def _limit_problem(tune: TuneSection, f: Figures) -> str:
     return ""
 
 
-def _label_losers(rows: Sequence[Row], chosen: Row, objective: str) -> None:
-    """Say, for each measured candidate that lost on its figures, by how much."""
+def _label_losers(rows: Sequence[Row], chosen: Row, objective: str,
+                  reverted: bool = False) -> None:
+    """Say, for each measured candidate that lost on its figures, by how much (``reverted``:
+    the default is chosen because the search's best did not hold up in paired runs)."""
     assert chosen.figures is not None
     what = "throughput" if objective == "throughput" else "speed (1/p50)"
     for row in rows:
@@ -155,6 +157,9 @@ def _label_losers(rows: Sequence[Row], chosen: Row, objective: str) -> None:
                 and not row.why.startswith("beat the default by only"):
             ratio = _gain(objective, row.figures, chosen.figures)
             row.why = f"{what} {ratio:.2f}x of the chosen one's"
+            if reverted and ratio > 1:
+                row.why += " in the search, behind the best, which did not hold up in " \
+                           "paired runs against the default"
 
 
 class Tuner:
@@ -264,7 +269,8 @@ class Tuner:
         default.outcome, default.why = "chosen", "the default: the winner did not hold up"
         result.chosen, result.margin = default.candidate, 1.0
         result.noise = max(result.noise, spread)
-        _label_losers([r for r in rows if r is not chosen], default, tune.objective)
+        _label_losers([r for r in rows if r is not chosen], default, tune.objective,
+                      reverted=True)
 
     def _try(self, row: Row, variant: VariantFile, deadline: float, beat_p50: float | None,
              tune: TuneSection) -> None:

@@ -35,8 +35,13 @@ def test_measurer_prunes_a_candidate_far_slower_than_the_best() -> None:
     clock = FakeClock()
     model = ClockModel(clock, 0.010)
     with pytest.raises(Pruned, match=r"p50 10.000 ms after 5 runs, over 2x .* \(2.000 ms\)"):
-        TimedMeasurer(clock).measure(CAND, model, 1, 1.0, 2.0)  # type: ignore[arg-type]
+        TimedMeasurer(clock, probe_s=0).measure(CAND, model, 1, 1.0, 2.0)  # type: ignore[arg-type]
     assert model.runs == 6  # one warm-up, five probe runs: no more
+    # By default the probe also lasts 0.25 s (25 runs of 10 ms), whatever the run count.
+    model.runs = 0
+    with pytest.raises(Pruned, match=r"after 25 runs"):
+        TimedMeasurer(clock).measure(CAND, model, 1, clock() + 10.0, 2.0)  # type: ignore[arg-type]
+    assert model.runs == 26
 
 
 def test_measurer_figures_on_a_fake_clock() -> None:
