@@ -233,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one scripted 
     print("\nSummary (2-core box shared with other engineers' test runs: figures are noisy)")
     for name, m in out["models"].items():
         r, again = m["result"], m["remeasured"]
-        print(f"  {name}: profile x86-64-cpu picks {again['default']}; tuned: {again['chosen']}"
-              f"\n      tuned/profile throughput {again['ratio']:.2f}x in the re-measurement "
-              f"(spread of {repeats} pair ratios {again['ratio_spread']:.2f}; the profile's "
-              f"own run-to-run noise {100 * again['default_run_to_run_noise']:.0f} %), "
-              f"{r['margin'] or 0:.2f}x in the search (noise {100 * r['noise']:.0f} %)")
+        same = again["default"] == again["chosen"]
+        print(f"  {name}: profile x86-64-cpu picks {again['default']}; tuned: "
+              + ("the same (the profile's choice kept)" if same else again["chosen"]))
+        if r.get("confirm"):
+            print(f"      the search's best over the profile's in paired runs: "
+                  f"{', '.join(f'{x:.2f}x' for x in r['confirm'])}")
+        print(f"      {'the profile configuration against itself' if same else 'tuned/profile'}"
+              f" throughput {again['ratio']:.2f}x in the re-measurement (spread of {repeats} "
+              f"pair ratios {again['ratio_spread']:.2f}; the profile's own run-to-run noise "
+              f"{100 * again['default_run_to_run_noise']:.0f} %), {r['margin'] or 0:.2f}x in "
+              f"the search (noise {100 * r['noise']:.0f} %)")
     lat = out["latency_during_tuning"]
     print(f"  MLP requests while the CNN tunes: p50 {lat['p50_ratio']:.2f}x, p99 "
           f"{lat['p99_ratio']:.2f}x the quiet case ({lat['tuning']['requests']} requests, "
