@@ -120,6 +120,18 @@ class Agent:
                              cpu_count=facts.cpu_count or os.cpu_count() or 1,
                              planner=variant_plan, loadable=loadable)
 
+    def _limits(self) -> dict[str, ModelLimits]:
+        """Each model's scheduling limits: its section's, with the batch size its tuning
+        chose when a tuned configuration serves (batching on)."""
+        out = {}
+        for m in self._models():
+            limits = ModelLimits.from_section(m)
+            batch = self.owner.tuned_batch(m.name)
+            if batch and limits.max_batch_size > 0:
+                limits = dataclasses.replace(limits, max_batch_size=batch)
+            out[m.name] = limits
+        return out
+
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models
 
@@ -156,7 +168,9 @@ class Agent:
                                        profile_chooser(self.profile.profile, self.facts),
                                        base_dir=self.base_dir)
         self.owner.tuning = self._tuning()
-        self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
+        # A tuned configuration switched in may come with its own batch size.
+        self.owner.subscribe(lambda: self.scheduler.configure(self._limits()))
+        self.scheduler.configure(self._limits())
         # What the box has serves at once; the hub poll brings the rest.
         await self.owner.start(models)
         if demo and not all(self.manager.ready(m.name) for m in models):
@@ -253,7 +267,7 @@ class Agent:
             grace: Any = config.agent.shutdown_grace_s
             server.config.timeout_graceful_shutdown = grace
         models = self._models()
-        self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
+        self.scheduler.configure(self._limits())
         await self.owner.configure(models)
         outcomes = [(m.name, await self.owner.converge(m.name)) for m in models]
         changed = tuple(n for n, o in outcomes

@@ -541,6 +541,20 @@ class VersionOwner:
         await self.apply_tuning(name, version, result)
         return result
 
+    def tuned_batch(self, name: str) -> int | None:
+        """The batch size the tuned configuration serving ``name`` was measured at (None when
+        no tuned configuration serves)."""
+        if self.tuning is None:
+            return None
+        result = self.tuning.results.get(name)
+        try:
+            tuned = self.manager.get(name).source.tuned
+        except EdgeAgentError:
+            return None
+        if result is None or result.chosen is None or not tuned or tuned != result.chosen.id:
+            return None
+        return result.chosen.batch
+
     async def apply_tuning(self, name: str, version: int, result: TuneResult) -> bool:
         """Re-activate the serving ``version`` with the configuration ``result`` chose, under
         the model's lock, through the one activation path (load, warm-up, checks, swap).

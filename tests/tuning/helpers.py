@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class TableMeasurer:
     """Figures from a table keyed by (variant, threads); each measurement takes ``cost_s`` on
     the fake clock. Records what it measured."""
 
-    def __init__(self, clock: FakeClock, table: Mapping[tuple[str, int], Figures | str], *,
+    def __init__(self, clock: FakeClock, table: Mapping[tuple[Any, ...], Figures | str], *,
                  cost_s: float = 1.0, hook: Callable[[Candidate], None] | None = None) -> None:
         self.clock = clock
         self.table = table
@@ -57,8 +58,9 @@ class TableMeasurer:
             self.hook(candidate)
         model.run({s.name: np.zeros((1, *s.shape[1:]), np.float32) for s in model.inputs})
         self.clock.advance(self.cost_s)
-        got = self.table.get((candidate.variant, candidate.threads),
-                             Figures(10.0, 12.0, 100.0, 0.01))
+        got = self.table.get((candidate.variant, candidate.threads, candidate.batch),  # type: ignore[call-overload]
+                             self.table.get((candidate.variant, candidate.threads),
+                                            Figures(10.0, 12.0, 100.0, 0.01)))
         if isinstance(got, str):
             raise Pruned(got)
         return got

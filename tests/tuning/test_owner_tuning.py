@@ -167,3 +167,24 @@ def test_hub_bundle_with_a_fast_variant_that_fails_its_checks(
             await rig.close()
 
     asyncio.run(go())
+
+
+def test_a_tuned_batch_size_is_what_the_serving_configuration_was_measured_at(
+        tmp_path: Path) -> None:
+    model = onnx_models.mlp(tmp_path / "m.onnx", n_in=4, n_hidden=8, n_out=3)
+
+    async def go() -> None:
+        table = {("m.onnx", 1, 4): Figures(5.0, 6.0, 400.0, 0.01)}
+        measurer = TableMeasurer(FakeClock(), table)
+        agent = Agent(tmp_path / "state", model, measurer)
+        agent.section = ModelSection(name="m", path=str(model), max_batch_size=8,
+                                     tune=TuneSection(threads=(1,), batch_sizes=(4, 8)))
+        async with agent:
+            await _settled(agent.owner)
+            # The profile's thread count (0) is always among those tried.
+            assert {(c.threads, c.batch) for c in measurer.measured} == {(0, 4), (0, 8),
+                                                                          (1, 4), (1, 8)}
+            assert agent.manager.get("m").source.tuned == "m.onnx|CPUExecutionProvider|t1|b4"
+            assert agent.owner.tuned_batch("m") == 4
+
+    asyncio.run(go())
