@@ -115,7 +115,11 @@ class Agent:
             ranking = loadable_variants(profile, facts, variants)
             return list(ranking.ranked), [(r.variant, r.reason) for r in ranking.rejected]
 
-        return TuningService(Tuner(self.registry, self._plan, TimedMeasurer()),
+        from edgeagent.tuning.search import nvml_used_mb
+
+        tuner = Tuner(self.registry, self._plan, TimedMeasurer(),
+                      device_memory=nvml_used_mb if facts.gpus else None)
+        return TuningService(tuner,
                              TuningMemory(self.state_dir), box=box_facts(facts),
                              cpu_count=facts.cpu_count or os.cpu_count() or 1,
                              planner=variant_plan, loadable=loadable)

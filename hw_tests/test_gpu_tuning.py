@@ -67,8 +67,10 @@ def test_search_over_gpu_providers_and_precisions(gpu_facts: DeviceFacts,
     assert {CUDA, CPU} <= providers, providers
     assert {c.precision for c in cands} == {"fp32", "fp16", "int8"}
 
-    result = Tuner(BackendRegistry(), planner, TimedMeasurer()).search(
-        section, 1, files, cands)
+    from edgeagent.tuning.search import nvml_used_mb
+
+    result = Tuner(BackendRegistry(), planner, TimedMeasurer(),
+                   device_memory=nvml_used_mb).search(section, 1, files, cands)
     rows = {r.candidate.id: r for r in result.rows}
     for row in rows.values():
         print(f"{row.candidate.describe():<70} {row.outcome:<14} "
@@ -77,6 +79,7 @@ def test_search_over_gpu_providers_and_precisions(gpu_facts: DeviceFacts,
     assert result.elapsed_s < section.tune.budget_s + 60  # the budget, plus one load
     cuda = [r for r in result.rows if r.candidate.provider == CUDA and r.figures]
     assert cuda, "no CUDA candidate was measured"
+    assert all(r.figures is not None and r.figures.device_mb is not None for r in cuda)
     assert all(r.outcome != "failed checks" for r in cuda if r.candidate.precision == "fp32")
     if TRT in providers and any(r.candidate.provider == TRT and r.figures for r in result.rows):
         assert any(cache.rglob("*")), "TensorRT engines built while tuning are not cached"

@@ -34,17 +34,21 @@ class Figures:
     memory_mb: float = 0.0
     """Resident memory the loaded candidate added."""
     runs: int = 0
+    device_mb: float | None = None
+    """GPU memory the loaded candidate added (None where no GPU memory is read)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"p50_ms": round(self.p50_ms, 4), "p99_ms": round(self.p99_ms, 4),
                 "throughput": round(self.throughput, 2), "noise": round(self.noise, 4),
-                "memory_mb": round(self.memory_mb, 2), "runs": self.runs}
+                "memory_mb": round(self.memory_mb, 2), "runs": self.runs,
+                "device_mb": None if self.device_mb is None else round(self.device_mb, 2)}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Figures:
+        device = raw.get("device_mb")
         return cls(float(raw["p50_ms"]), float(raw["p99_ms"]), float(raw["throughput"]),
                    float(raw.get("noise", 0.0)), float(raw.get("memory_mb", 0.0)),
-                   int(raw.get("runs", 0)))
+                   int(raw.get("runs", 0)), None if device is None else float(device))
 
 
 class Pruned(Exception):

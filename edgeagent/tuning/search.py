@@ -52,6 +52,20 @@ def resident_mb(statm: Path = Path("/proc/self/statm")) -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
+def nvml_used_mb() -> float:
+    """GPU memory in use, summed over the GPUs NVML sees (0 when it cannot tell); for the
+    memory a GPU candidate adds."""
+    try:
+        import pynvml  # optional: the nvidia-ml-py package
+
+        pynvml.nvmlInit()
+        return float(sum(pynvml.nvmlDeviceGetMemoryInfo(
+            pynvml.nvmlDeviceGetHandleByIndex(i)).used
+            for i in range(pynvml.nvmlDeviceGetCount()))) / (1 << 20)
+    except Exception:  # no NVML, no driver, no GPU: nothing to read
+        return 0.0
+
+
 @dataclass
 class Row:
     """One candidate's line in the table."""
@@ -171,15 +185,19 @@ class Tuner:
         measurer: Measures a loaded candidate.
         clock: The budget's clock (seconds).
         memory: Resident memory in MB (what a loaded candidate adds).
+        device_memory: GPU memory in use in MB (:func:`nvml_used_mb` on a GPU box); None:
+            not read.
     """
 
     def __init__(self, registry: BackendRegistry, planner: Planner, measurer: Measurer, *,
-                 clock: Clock = time.monotonic, memory: MemoryReader = resident_mb) -> None:
+                 clock: Clock = time.monotonic, memory: MemoryReader = resident_mb,
+                 device_memory: MemoryReader | None = None) -> None:
         self.registry = registry
         self.planner = planner
         self.measurer = measurer
         self.clock = clock
         self.memory = memory
+        self.device_memory = device_memory
         self.stopped = threading.Event()
         """Set when the agent stops: the search ends after the candidate being measured."""
 
@@ -280,6 +298,7 @@ class Tuner:
             row.outcome, row.why = "failed", f"{variant.file} is not on the box"
             return
         before = self.memory()
+        device_before = self.device_memory() if self.device_memory else None
         model: LoadedModel | None = None
         try:
             plan = self.planner(c.format, c.precision, variant.sha256, c.overrides)
@@ -306,8 +325,10 @@ class Tuner:
                 row.outcome, row.why = "failed", "the model's first dimension is fixed: no batch"
                 return
             figures = self.measurer.measure(c, model, batch, deadline, beat_p50)
+            device = None if device_before is None or self.device_memory is None \
+                else max(0.0, self.device_memory() - device_before)
             row.figures = Figures(figures.p50_ms, figures.p99_ms, figures.throughput,
-                                  figures.noise, added, figures.runs)
+                                  figures.noise, added, figures.runs, device)
             row.outcome = "measured"
         except Pruned as exc:
             row.outcome, row.why = "pruned", str(exc)

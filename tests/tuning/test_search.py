@@ -141,3 +141,19 @@ def test_latency_objective(tmp_path: Path) -> None:
     result, _, _ = _search(tmp_path, table, objective="latency")
     assert result.chosen is not None and result.chosen.threads == 1
     assert result.margin == 2.0
+
+
+def test_gpu_memory_added_is_reported_when_read(tmp_path: Path) -> None:
+    good, _, checks = models(tmp_path)
+    files = [variant(good, checks=checks)]
+    s = section(threads=(1,))
+    default = default_candidate(files[0], variant_planner("onnx", "fp32", s_overrides(s)), s)
+    cands = candidates(files, variant_planner, s, 2, default)
+    clock = FakeClock()
+    used = iter([1000.0, 1250.0] * len(cands))
+    tuner = Tuner(BackendRegistry(), planner, TableMeasurer(clock, {}), clock=clock,
+                  device_memory=lambda: next(used))
+    result = tuner.search(s, 1, files, cands)
+    assert {r.figures.device_mb for r in result.rows if r.figures} == {250.0}
+    again = type(result).from_dict(result.to_dict())
+    assert again.rows[0].figures is not None and again.rows[0].figures.device_mb == 250.0
