@@ -9,9 +9,10 @@ For a tiny MLP (float32 [N,64] -> [N,10]) and a ~0.47 GMAC CNN (float32 [N,3,224
 
 - in-process: an onnxruntime session (2 intra-op threads), concurrency 1 and 4 (threads);
 - the agent, started as a subprocess (``python -m edgeagent run --config <tmp toml>``, the
-  x86-64-cpu profile with 2 threads), over loopback HTTP with JSON and with binary tensors, at
-  concurrency 1 and 4; then a second agent with dynamic batching (max_batch_size 8) at
-  concurrency 8.
+  x86-64-cpu profile with 2 threads), over loopback HTTP with JSON and with binary tensors, over
+  gRPC with the tensor in the message, and with the tensors in system shared memory (HTTP and
+  gRPC), at concurrency 1 and 4 (and the CNN at 8); then a second agent with dynamic batching
+  (max_batch_size 8, max_queue_delay_ms 2) at concurrency 1, 4 and 8.
 
 It prints throughput, p50/p99 latency and the ratio to in-process for each case, the agent's
 time from spawn to ``/v2/health/ready`` = 200 and its idle RSS with both models loaded, checks
@@ -20,8 +21,10 @@ the targets of issue 3, and writes everything as JSON to ``--out``.
 The load generator keeps its own cost low: request bodies are encoded once per case and sent
 over keep-alive connections by geventhttpclient greenlets (one connection per concurrent
 caller); responses are read but decoded only once per case, to check them against the
-in-process outputs (with tritonclient, Triton's own client). The client's CPU time per request
-is measured and reported, since on a small box it competes with the agent for the same cores.
+in-process outputs (with tritonclient, Triton's own client). gRPC rows use grpcio's
+synchronous stub with the request message built once (one thread and channel per caller), the
+thinnest gRPC client Python has. The client's CPU time per request is measured and reported,
+since on a small box it competes with the agent for the same cores.
 """
 
 from __future__ import annotations
@@ -47,11 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import grpc
 import numpy as np
 import onnxruntime as ort
 import psutil
 import tritonclient.http as triton
+import tritonclient.utils.shared_memory as shm
 from geventhttpclient import HTTPClient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.models import cnn, cnn_macs, mlp
 
@@ -81,7 +87,8 @@ class Case:
     """``in-process``, ``agent`` or ``agent+batching``."""
     model: str
     protocol: str
-    """``-`` in-process, else ``json`` or ``binary``."""
+    """``-`` in-process, else ``json``, ``binary`` (HTTP), ``grpc`` (tensor in the message),
+    ``shm-http`` or ``shm-grpc`` (tensors in system shared memory)."""
     concurrency: int
     requests: int = 0
     seconds: float = 0.0
@@ -168,7 +175,7 @@ def in_process(paths: dict[str, Path], budget: Budget) -> tuple[list[Case], dict
         session = _session(path)
         name, _, out = MODELS[model]
         x = _input(model)
-        reference[model] = session.run([out], {name: x})[0]
+        reference[model] = REFERENCE_OUTPUTS[model] = session.run([out], {name: x})[0]
         for concurrency in (1, 4):
             case = Case("in-process", model, "-", concurrency)
             lat, elapsed, cpu = _closed_loop(functools.partial(session.run, [out], {name: x}),
@@ -194,8 +201,8 @@ def _free_port() -> int:
         return port
 
 
-def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: int,
-                 max_queue_delay_ms: float = 2.0) -> Path:
+def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: int, *,
+                 max_queue_delay_ms: float = 2.0, grpc_port: int = 0) -> Path:
     """The agent's config: both models by path, the x86-64-cpu profile pinned to 2 threads."""
     profiles_dir = work / "profiles"
     profiles_dir.mkdir(exist_ok=True)
@@ -214,7 +221,8 @@ def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: 
     config.write_text(
         f'[agent]\nstate_dir = "{work / "state"}"\nprofile = "x86-64-cpu"\n'
         f'profiles_dir = "{profiles_dir}"\nlog_level = "warning"\n\n'
-        f'[http]\nlisten = "127.0.0.1:{port}"\n{models}')
+        f'[http]\nlisten = "127.0.0.1:{port}"\n\n'
+        f'[grpc]\nlisten = "{f"127.0.0.1:{grpc_port}" if grpc_port else ""}"\n{models}')
     return config
 
 
@@ -222,6 +230,7 @@ def write_config(work: Path, paths: dict[str, Path], port: int, max_batch_size: 
 class RunningAgent:
     process: subprocess.Popen[bytes]
     port: int
+    grpc_port: int
     ready_s: float
     log: Path
 
@@ -241,8 +250,9 @@ def _ready(port: int) -> bool:
 def agent(work: Path, paths: dict[str, Path], max_batch_size: int,
           max_queue_delay_ms: float = 2.0) -> Iterator[RunningAgent]:
     """Start the agent as a subprocess, wait until ready (timed), stop it on exit."""
-    port = _free_port()
-    config = write_config(work, paths, port, max_batch_size, max_queue_delay_ms)
+    port, grpc_port = _free_port(), _free_port()
+    config = write_config(work, paths, port, max_batch_size,
+                          max_queue_delay_ms=max_queue_delay_ms, grpc_port=grpc_port)
     log = work / f"agent-b{max_batch_size}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAGENT_")}
     with log.open("wb") as sink:
@@ -257,7 +267,7 @@ def agent(work: Path, paths: dict[str, Path], max_batch_size: int,
                 if time.perf_counter() - start > 60:
                     raise SystemExit(f"the agent was not ready in 60 s:\n{log.read_text()[-3000:]}")
                 time.sleep(0.005)
-            yield RunningAgent(proc, port, time.perf_counter() - start, log)
+            yield RunningAgent(proc, port, grpc_port, time.perf_counter() - start, log)
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -274,13 +284,22 @@ def rss_mb(pid: int) -> float:
 
 
 def request_body(model: str, protocol: str) -> tuple[bytes, dict[str, str]]:
-    """An Open Inference Protocol request for the model's batch-1 input, encoded once."""
+    """An Open Inference Protocol request for the model's batch-1 input, encoded once
+    (``shm-http``: the inputs and outputs in the regions of :func:`shared_memory`)."""
     name, shape, out = MODELS[model]
     x = _input(model)
     if protocol == "json":
         body = {"inputs": [{"name": name, "shape": list(shape), "datatype": "FP32",
                             "data": x.ravel().tolist()}],
                 "outputs": [{"name": out}]}
+        return json.dumps(body).encode(), {"Content-Type": "application/json"}
+    if protocol == "shm-http":
+        body = {"inputs": [{"name": name, "shape": list(shape), "datatype": "FP32",
+                            "parameters": {"shared_memory_region": f"{model}-in",
+                                           "shared_memory_byte_size": x.nbytes}}],
+                "outputs": [{"name": out, "parameters": {
+                    "shared_memory_region": f"{model}-out",
+                    "shared_memory_byte_size": OUTPUT_BYTES[model]}}]}
         return json.dumps(body).encode(), {"Content-Type": "application/json"}
     header = json.dumps({
         "inputs": [{"name": name, "shape": list(shape), "datatype": "FP32",
@@ -289,6 +308,50 @@ def request_body(model: str, protocol: str) -> tuple[bytes, dict[str, str]]:
     }).encode()
     return header + x.tobytes(), {"Content-Type": "application/octet-stream",
                                   "Inference-Header-Content-Length": str(len(header))}
+
+
+#: Bytes of each model's output at batch 1 (FP32 [1, 10] and [1, 1000]).
+OUTPUT_BYTES = {"mlp": 10 * 4, "cnn": 1000 * 4}
+
+
+def grpc_request(model: str, shared: bool) -> Any:
+    """The ``ModelInferRequest`` of the model's batch-1 input, built once: the tensor in
+    ``raw_input_contents``, or (``shared``) in the regions of :func:`shared_memory`."""
+    name, shape, out = MODELS[model]
+    x = _input(model)
+    req = service_pb2.ModelInferRequest(model_name=model)
+    tensor = req.inputs.add(name=name, datatype="FP32", shape=shape)
+    requested = req.outputs.add(name=out)
+    if shared:
+        tensor.parameters["shared_memory_region"].string_param = f"{model}-in"
+        tensor.parameters["shared_memory_byte_size"].int64_param = x.nbytes
+        requested.parameters["shared_memory_region"].string_param = f"{model}-out"
+        requested.parameters["shared_memory_byte_size"].int64_param = OUTPUT_BYTES[model]
+    else:
+        req.raw_input_contents.append(x.tobytes())
+    return req
+
+
+@contextlib.contextmanager
+def shared_memory(port: int, model: str) -> Iterator[Any]:
+    """The model's input (written once) and output regions, registered with the agent; the
+    output region's handle, to read answers from."""
+    x = _input(model)
+    tag = f"/edgeagent-bench-{os.getpid()}-{model}"
+    handles = [shm.create_shared_memory_region(f"{model}-in", f"{tag}-in", x.nbytes),
+               shm.create_shared_memory_region(f"{model}-out", f"{tag}-out",
+                                               OUTPUT_BYTES[model])]
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        shm.set_shared_memory_region(handles[0], [x])
+        client.register_system_shared_memory(f"{model}-in", f"{tag}-in", x.nbytes)
+        client.register_system_shared_memory(f"{model}-out", f"{tag}-out", OUTPUT_BYTES[model])
+        yield handles[1]
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
 
 
 def check_outputs(port: int, model: str, reference: np.ndarray) -> None:
@@ -308,8 +371,64 @@ def check_outputs(port: int, model: str, reference: np.ndarray) -> None:
         client.close()
 
 
-def drive(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
+def drive(running: RunningAgent, model: str, protocol: str, *, concurrency: int,
           budget: Budget, target: str) -> Case:
+    """One case: closed-loop load over HTTP or gRPC, tensors in the request or in shared
+    memory; shared memory answers are checked against the in-process output."""
+    pid = running.process.pid
+    if not protocol.startswith("shm-"):
+        return (drive_grpc(pid, running.grpc_port, model, protocol, concurrency=concurrency,
+                           budget=budget, target=target) if protocol == "grpc"
+                else drive_http(pid, running.port, model, protocol, concurrency=concurrency,
+                                budget=budget, target=target))
+    with shared_memory(running.port, model) as out_region:
+        if protocol == "shm-grpc":
+            case = drive_grpc(pid, running.grpc_port, model, protocol, concurrency=concurrency,
+                              budget=budget, target=target)
+        else:
+            case = drive_http(pid, running.port, model, protocol, concurrency=concurrency,
+                              budget=budget, target=target)
+        shape = (1, OUTPUT_BYTES[model] // 4)
+        got = shm.get_contents_as_numpy(out_region, np.float32, shape)
+        if not np.allclose(got, REFERENCE_OUTPUTS[model], rtol=1e-5, atol=1e-5):
+            raise SystemExit(f"{model} {protocol}: the output in shared memory differs from "
+                             "in-process")
+    return case
+
+
+#: In-process outputs of each model's benchmark input (set by :func:`in_process`).
+REFERENCE_OUTPUTS: dict[str, np.ndarray] = {}
+
+
+def drive_grpc(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
+               budget: Budget, target: str) -> Case:
+    """Closed-loop load from ``concurrency`` threads, one channel and stub each."""
+    request = grpc_request(model, shared=protocol == "shm-grpc")
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_receive_message_length", -1)]) for _ in range(concurrency)]
+    stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
+    free = list(stubs)
+    lock = threading.Lock()
+
+    def call() -> None:
+        with lock:
+            stub = free.pop()
+        try:
+            stub.ModelInfer(request, timeout=120)
+        finally:
+            with lock:
+                free.append(stub)
+
+    try:
+        return _measure(agent_pid, model, protocol, call, concurrency=concurrency,
+                        budget=budget, target=target, spawn=_thread, join=_join_threads)
+    finally:
+        for c in channels:
+            c.close()
+
+
+def drive_http(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
+               budget: Budget, target: str) -> Case:
     """Closed-loop load from ``concurrency`` greenlets, one keep-alive connection each."""
     body, headers = request_body(model, protocol)
     path = f"/v2/models/{model}/infer"
@@ -322,17 +441,24 @@ def drive(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: 
         if resp.status_code != 200:
             raise SystemExit(f"{model} {protocol}: HTTP {resp.status_code}: {payload[:300]!r}")
 
-    server = psutil.Process(agent_pid)
     try:
-        # The agent's CPU is read around the whole loop, warm-up included, then scaled by the
-        # share of requests measured: close enough for a cost per request.
-        server_cpu, loop_cpu = sum(server.cpu_times()[:2]), _thread_cpu(server, agent_pid)
-        lat, elapsed, cpu = _closed_loop(call, concurrency, budget, gevent.spawn,
-                                         lambda g: gevent.joinall(g, raise_error=True))
-        server_cpu = sum(server.cpu_times()[:2]) - server_cpu
-        loop_cpu = _thread_cpu(server, agent_pid) - loop_cpu
+        return _measure(agent_pid, model, protocol, call, concurrency=concurrency,
+                        budget=budget, target=target, spawn=gevent.spawn,
+                        join=lambda g: gevent.joinall(g, raise_error=True))
     finally:
         client.close()
+
+
+def _measure(agent_pid: int, model: str, protocol: str, call: Callable[[], None], *,
+             concurrency: int, budget: Budget, target: str, spawn: Callable[..., Any],
+             join: Callable[[list[Any]], None]) -> Case:
+    server = psutil.Process(agent_pid)
+    # The agent's CPU is read around the whole loop, warm-up included, then scaled by the
+    # share of requests measured: close enough for a cost per request.
+    server_cpu, loop_cpu = sum(server.cpu_times()[:2]), _thread_cpu(server, agent_pid)
+    lat, elapsed, cpu = _closed_loop(call, concurrency, budget, spawn, join)
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu
+    loop_cpu = _thread_cpu(server, agent_pid) - loop_cpu
     case = Case(target, model, protocol, concurrency)
     case.measured(lat, elapsed)
     case.client_cpu_us = round(cpu / len(lat) * 1e6, 1)
@@ -367,6 +493,15 @@ def _batch_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int
     return {k: n for k, n in sorted(delta.items(), key=lambda kv: int(kv[0])) if n}
 
 
+#: (model, protocol, concurrency) of the unbatched agent's cases, in order.
+UNBATCHED = [(m, p, c) for m in ("mlp", "cnn")
+             for p in ("binary", "json", "grpc", "shm-http", "shm-grpc") for c in (1, 4)]
+UNBATCHED += [("cnn", "binary", 8)]
+#: ... and of the batching agent's (max_batch_size 8).
+BATCHED = [("mlp", "binary", 1), ("mlp", "binary", 4), ("mlp", "binary", 8), ("mlp", "json", 8),
+           ("cnn", "binary", 1), ("cnn", "binary", 8), ("cnn", "json", 8)]
+
+
 def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
                   reference: dict[str, np.ndarray], batch_delay_ms: float,
                   ) -> tuple[list[Case], dict[str, float]]:
@@ -379,24 +514,23 @@ def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
         facts["idle_rss_mb"] = rss_mb(running.process.pid)
         for model in paths:
             check_outputs(running.port, model, reference[model])
-        for model in paths:
-            for protocol in ("binary", "json"):
-                for concurrency in (1, 4):
-                    case = drive(running.process.pid, running.port, model, protocol,
-                                 concurrency=concurrency, budget=budget, target="agent")
-                    cases.append(case)
-                    _progress(case)
+        for model, protocol, concurrency in UNBATCHED:
+            case = drive(running, model, protocol, concurrency=concurrency, budget=budget,
+                         target="agent")
+            cases.append(case)
+            _progress(case)
+        time.sleep(2.0)  # the load has passed
         facts["after_load_rss_mb"] = rss_mb(running.process.pid)
     with agent(work, paths, max_batch_size=8, max_queue_delay_ms=batch_delay_ms) as running:
         for model in paths:
             check_outputs(running.port, model, reference[model])
-            for protocol in ("binary", "json"):
-                before = agent_stats(running.port).get(model, {})
-                case = drive(running.process.pid, running.port, model, protocol, concurrency=8,
-                             budget=budget, target="agent+batching")
-                case.batch_sizes = _batch_delta(before, agent_stats(running.port).get(model, {}))
-                cases.append(case)
-                _progress(case)
+        for model, protocol, concurrency in BATCHED:
+            before = agent_stats(running.port).get(model, {})
+            case = drive(running, model, protocol, concurrency=concurrency, budget=budget,
+                         target="agent+batching")
+            case.batch_sizes = _batch_delta(before, agent_stats(running.port).get(model, {}))
+            cases.append(case)
+            _progress(case)
     return cases, facts
 
 
@@ -414,21 +548,38 @@ def add_ratios(cases: list[Case]) -> None:
 
 
 def targets(cases: list[Case], facts: dict[str, float]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the figure measured here and whether it is met."""
-    def find(model: str, protocol: str, concurrency: int) -> Case:
-        return next(c for c in cases if c.target == "agent" and c.model == model
+    """The issues' targets (3 and 14), each with the figure measured here and whether it is
+    met."""
+    def find(model: str, protocol: str, concurrency: int, target: str = "agent") -> Case:
+        return next(c for c in cases if c.target == target and c.model == model
                     and c.protocol == protocol and c.concurrency == concurrency)
+
+    def ratio(a: Case, b: Case) -> float:
+        return round(a.throughput / b.throughput, 3) if b.throughput else 0.0
 
     cnn_bin, cnn_json = find("cnn", "binary", 1), find("cnn", "json", 1)
     mlp_c4 = max((find("mlp", p, 4) for p in ("binary", "json")), key=lambda c: c.throughput)
+    cnn_shm = max((find("cnn", p, 1) for p in ("shm-http", "shm-grpc")),
+                  key=lambda c: c.throughput)
+    batched = "agent+batching"
     rows = [
         ("CNN, binary, c1: >= 0.85x in-process", cnn_bin.ratio or 0.0, 0.85, ">="),
         ("CNN, JSON, c1: >= 2x MLServer (2 x 29/s)", cnn_json.throughput,
          2 * REFERENCE["mlserver cnn json"], ">="),
         (f"MLP, c4 ({mlp_c4.protocol}): >= 3x KServe (3 x 985/s)", mlp_c4.throughput,
          3 * REFERENCE["kserve mlp c4"], ">="),
-        ("idle RSS, both models loaded: < 120 MB", facts["idle_rss_mb"], 120.0, "<"),
+        (f"CNN, system shared memory ({cnn_shm.protocol}), c1: >= 0.95x in-process",
+         cnn_shm.ratio or 0.0, 0.95, ">="),
+        ("CNN, gRPC, c1: >= 0.85x in-process", find("cnn", "grpc", 1).ratio or 0.0, 0.85, ">="),
+        (f"MLP, gRPC, c4: >= 1.0x HTTP ({mlp_c4.protocol}) c4",
+         ratio(find("mlp", "grpc", 4), mlp_c4), 1.0, ">="),
+        ("idle RSS, both models loaded, gRPC on: < 120 MB", facts["idle_rss_mb"], 120.0, "<"),
         ("time to ready: < 1 s", facts["ready_s"], 1.0, "<"),
+        ("RSS after the load: < idle + 40 MB", facts["after_load_rss_mb"],
+         facts["idle_rss_mb"] + 40, "<"),
+        *[(f"batching on, {m} binary c{c}: >= {b}x unbatched",
+           ratio(find(m, "binary", c, batched), find(m, "binary", c)), b, ">=")
+          for m, c, b in (("mlp", 1, 0.95), ("mlp", 4, 0.95), ("cnn", 1, 0.95), ("cnn", 8, 1.0))],
     ]
     out = []
     for name, value, bound, op in rows:
@@ -438,7 +589,7 @@ def targets(cases: list[Case], facts: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def _progress(case: Case) -> None:
-    print(f"  {case.target:15} {case.model:4} {case.protocol:6} c{case.concurrency}: "
+    print(f"  {case.target:15} {case.model:4} {case.protocol:8} c{case.concurrency}: "
           f"{case.throughput:10.1f}/s", file=sys.stderr, flush=True)
 
 
@@ -446,14 +597,14 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"\nedgeagent benchmark ({result['machine']['cpus']} CPUs, onnxruntime "
           f"{result['machine']['onnxruntime']}, {THREADS} intra-op threads, "
           f"{result['budget']['seconds']} s per case)\n")
-    print(f"{'target':16}{'model':6}{'proto':8}{'conc':>5}{'inf/s':>11}{'p50 ms':>9}"
+    print(f"{'target':16}{'model':6}{'proto':10}{'conc':>5}{'inf/s':>11}{'p50 ms':>9}"
           f"{'p99 ms':>9}{'x in-proc':>10}{'cpu us':>9}{'loop us':>9}{'client us':>10}  batches")
     for c in result["cases"]:
         ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
         client = f"{c['client_cpu_us']:.0f}" if c["client_cpu_us"] is not None else "-"
         loop = f"{c['loop_cpu_us']:.0f}" if c["loop_cpu_us"] is not None else "-"
         batches = " ".join(f"{k}:{n}" for k, n in c["batch_sizes"].items())
-        print(f"{c['target']:16}{c['model']:6}{c['protocol']:8}{c['concurrency']:>5}"
+        print(f"{c['target']:16}{c['model']:6}{c['protocol']:10}{c['concurrency']:>5}"
               f"{c['throughput']:>11.1f}{c['p50_ms']:>9.2f}{c['p99_ms']:>9.2f}{ratio:>10}"
               f"{c['server_cpu_us']:>9.0f}{loop:>9}"
               f"{client:>10}  {batches}")

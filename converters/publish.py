@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeagent.errors import ModelError
 from edgeagent.hub.repository import file_ref, release_bundle
 from edgeagent.runtime.checks import TensorNameError, pair_names, plain_name
 from edgeagent.runtime.inspect import onnx_precision
@@ -62,16 +63,26 @@ class VariantSpec:
 
 
 def detect_precision(path: Path) -> str:
-    """A model's precision from its content (int8 quantised, fp16 weights, else fp32)."""
+    """A model's precision from its content (int8 quantised, fp16 weights, else fp32).
+
+    Raises:
+        InputError: the file is not a model of its kind (exit 2, not an unexpected error).
+    """
     if path.suffix == ".onnx":
-        return onnx_precision(path)[0]
+        try:
+            return onnx_precision(path)[0]
+        except ModelError as exc:
+            raise InputError(f"{path}: not an ONNX model ({exc})") from exc
     try:
         # LiteRT is optional on the build side: imported only for a TFLite variant.
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise InputError(f"{path}: give its precision (FILE:int8); reading TFLite models needs "
                          "LiteRT: pip install 'edgeagent[litert]'") from exc
-    details = Interpreter(model_path=str(path)).get_tensor_details()
+    try:
+        details = Interpreter(model_path=str(path)).get_tensor_details()
+    except (ValueError, RuntimeError) as exc:  # LiteRT's words for "not a TFLite model"
+        raise InputError(f"{path}: not a TFLite model ({exc})") from exc
     dtypes = {np.dtype(d["dtype"]) for d in details}
     if dtypes & {np.dtype(np.int8), np.dtype(np.uint8)}:
         return "int8"

@@ -23,7 +23,13 @@ import uvicorn
 
 from edgeagent import __version__
 from edgeagent.api.services import Services
-from edgeagent.config import AgentConfig, ModelSection, config_dir, read_token
+from edgeagent.config import (
+    AgentConfig,
+    ModelSection,
+    config_dir,
+    read_metrics_token,
+    read_token,
+)
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
 from edgeagent.device.plan import (
@@ -43,6 +49,8 @@ from edgeagent.tuning import TimedMeasurer, Tuner, TuningMemory, TuningService, 
 from edgeagent.versions.owner import VersionOwner, summary
 
 if TYPE_CHECKING:
+    from edgeagent.api.grpc_server import GrpcServer
+    from edgeagent.api.metrics import MetricsListener
     from edgeagent.control.link import FleetLink
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,7 @@ class Agent:
         self.env = dict(env or {})
         self.root = root
         self.state_dir = config.state_path(self.env).resolve()
+        self.cache_dir = config.cache_path(self.env).resolve()
         config = self.config = demo_config(config, self.state_dir)
         self.started_at = time.time()
         self.facts: DeviceFacts | None = None
@@ -79,6 +88,7 @@ class Agent:
         self.scheduler = InferenceScheduler(self.manager)
         self.token = read_token(config)
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+        self._grpc: GrpcServer | None = None
         self._draining = False
         self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
@@ -88,7 +98,9 @@ class Agent:
                                   groups=config.agent.tags, keep_versions=config.hub.keep_versions,
                                   poll_interval_s=config.hub.poll_interval_s)
         self.services = Services(config, self.manager, self.scheduler, self.owner, self.token,
-                                 self.status, lambda: self._draining)
+                                 self.status, lambda: self._draining, root=root)
+        self.metrics_token = read_metrics_token(config, self.token)
+        self._metrics: MetricsListener | None = None
 
     # ---- wiring -------------------------------------------------------------------------
 
@@ -97,7 +109,7 @@ class Agent:
         assert self.facts is not None, "planned before start()"
         assert self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
-                              cache_dir=self.state_dir / TRT_CACHE_DIRNAME, model_hash=sha256,
+                              cache_dir=self.cache_dir / TRT_CACHE_DIRNAME, model_hash=sha256,
                               overrides=overrides)
 
     def _tuning(self) -> TuningService:
@@ -108,7 +120,7 @@ class Agent:
 
         def variant_plan(fmt: str, precision: str, overrides: PlanOverrides) -> ProviderPlan:
             return plan_providers(profile, facts, fmt, precision,
-                                  cache_dir=self.state_dir / TRT_CACHE_DIRNAME,
+                                  cache_dir=self.cache_dir / TRT_CACHE_DIRNAME,
                                   model_hash="candidates", overrides=overrides)
 
         def loadable(variants: Any) -> tuple[list[Any], list[tuple[Any, str]]]:
@@ -182,6 +194,8 @@ class Agent:
             # first curl gets an answer.
             await self.owner.sync_once()
         await self._start_http()
+        await self._start_grpc()
+        await self._start_metrics()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
         self._served_before = {m.name: self._version_of(m.name) for m in models}
         ready = [m.name for m in models if self.manager.ready(m.name)]
@@ -231,7 +245,7 @@ class Agent:
             server_header=False,
             # httptools (C) parses ~20 % faster than h11; it bounds no request head of its own,
             # so the protocol class does (431; complete heads are checked by RequestGuard).
-            http=bounded_protocol(self.config.http.max_header_bytes),
+            http=bounded_protocol(self.config.http),
             timeout_graceful_shutdown=grace,
             **kwargs,
         )
@@ -253,6 +267,40 @@ class Agent:
             os.chmod(kwargs["uds"], 0o660)
         task = asyncio.create_task(server.main_loop(), name=f"http-main-loop {listen}")
         self._servers.append((server, task))
+
+    # ---- gRPC (issue 14): the same services as HTTP, on grpcio's asyncio server -----------
+
+    async def _start_grpc(self) -> None:
+        """Serve ``inference.GRPCInferenceService`` on ``grpc.listen`` (empty: not at all;
+        grpcio is then never imported)."""
+        listen = self.config.grpc.listen
+        if not listen:
+            return
+        from edgeagent.api.grpc_server import GrpcServer
+
+        server = GrpcServer(self.services, listen)
+        await server.start()
+        self._grpc = server
+        log.info("gRPC on %s", listen)
+
+    async def _stop_grpc(self) -> None:
+        """Stop accepting gRPC calls; those in flight get the shutdown grace to finish."""
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.agent.shutdown_grace_s)
+            self._grpc = None
+
+    # ---- reload -------------------------------------------------------------------------
+
+    async def _start_metrics(self) -> None:
+        """The optional ``[metrics] listen`` server (``GET /metrics`` only)."""
+        if not self.config.metrics.listen:
+            return
+        from edgeagent.api.metrics import MetricsListener, metrics_app
+
+        listener = MetricsListener(self.config.metrics.listen,
+                                   metrics_app(self.services, self.metrics_token))
+        await listener.start()
+        self._metrics = listener
 
     async def reload(self, config: AgentConfig) -> ReloadPlan:
         """Apply what can change live from a newly read configuration (SIGHUP).
@@ -332,14 +380,20 @@ class Agent:
             self.fleet = None
         self._draining = True
         grace = self.config.agent.shutdown_grace_s
+        await self._stop_grpc()
         for server, _task in self._servers:
             server.should_exit = True
         for server, task in self._servers:
             await task
             await server.shutdown()
         self._servers = []
+        if self._metrics is not None:
+            await self._metrics.stop()
+            self._metrics = None
         await self.owner.stop()
         await self.manager.close(grace)
+        self.services.shm.close()
+        self.services.trimmer.close()
         log.info("stopped")
 
     # ---- reporting ----------------------------------------------------------------------
@@ -357,6 +411,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 1),
             "profile": profile,
             "http": {"listen": self.config.http.listen, "token": self.token is not None},
+            "grpc": {"listen": self.config.grpc.listen},
             "backends": self.registry.status(),
             "admin_socket": str(self.admin_socket),
             "models": [{**m, **self.owner.describe(m["name"]),

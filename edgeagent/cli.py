@@ -22,9 +22,19 @@ from edgeagent.errors import EdgeAgentError
 
 log = logging.getLogger("edgeagent")
 
+#: Completion hints for shtab (``edgeagent completion``): plain data, so building the parser
+#: for ``edgeagent run`` does not import shtab.
+FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+DIRECTORY = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
 
-def _load(args: argparse.Namespace) -> AgentConfig:
-    return load_config(args.config, os.environ)
+
+def _load(args: argparse.Namespace, warn: bool = True) -> AgentConfig:
+    config = load_config(args.config, os.environ)
+    if warn:
+        for name in config.ignored_env:
+            log.warning("%s is not a configuration override (EDGEAGENT_<SECTION>__<KEY>); "
+                        "ignored", name)
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -49,13 +59,59 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_install_service(args: argparse.Namespace) -> int:
     from edgeagent.service.unit import install_service
 
-    install_service(Path(args.prefix), args.user, args.dry_run, sys.stdout)
+    install_service(Path(args.prefix), args.user, args.dry_run, sys.stdout,
+                    exec_start=args.exec_start)
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
+    from edgeagent.config import read_token
+    from edgeagent.errors import ConfigError
+
+    try:
+        config = _load(args, warn=False)
+        # What `run` refuses at start-up beyond the file itself: a listen address reachable
+        # from other hosts without a token, a token file that is missing or too short.
+        try:
+            read_token(config)
+        except ConfigError as exc:
+            if exc.source:
+                raise
+            raise ConfigError(exc.message, exc.key_path, config.source) from None
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "error": str(exc), "key": exc.key_path,
+                          "source": exc.source}, indent=2, sort_keys=True))
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"ok": True, "source": config.source, "models": len(config.models),
+                          "ignored_env": list(config.ignored_env),
+                          "config": _config_document(config)}, indent=2, sort_keys=True))
+        return 0
+    for name in config.ignored_env:
+        print(f"warning: {name} is not a configuration override "
+              "(EDGEAGENT_<SECTION>__<KEY>); ignored", file=sys.stderr)
     print(f"{config.source}: OK ({len(config.models)} model(s))")
+    return 0
+
+
+def _config_document(config: AgentConfig) -> dict[str, Any]:
+    """The validated settings, as ``check-config --json`` shows them (sections, models)."""
+    import dataclasses
+
+    doc: dict[str, Any] = {f.name: dataclasses.asdict(getattr(config, f.name))
+           for f in dataclasses.fields(config)
+           if dataclasses.is_dataclass(getattr(config, f.name))}
+    doc["models"] = [dataclasses.asdict(m) for m in config.models]
+    return doc
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Print a shell completion script generated from this parser (shtab)."""
+    import shtab
+
+    print(shtab.complete(build_parser(full=True), args.shell))
     return 0
 
 
@@ -86,7 +142,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                           profile_chooser(profile, facts), active)
 
     report = probe_report(Path(args.root), forced, state_dir, profiles_dir=profiles_dir,
-                          hub_variants=hub_variants, models=model_overrides(config.models))
+                          hub_variants=hub_variants, cache_dir=config.cache_path(os.environ),
+                          models=model_overrides(config.models))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -234,8 +291,9 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=fn)
-        p.add_argument("--config", help="configuration file (default /etc/edgeagent/agent.toml, "
-                                        "or $EDGEAGENT_CONFIG)")
+        config = p.add_argument("--config", help="configuration file (default "
+                                "/etc/edgeagent/agent.toml, or $EDGEAGENT_CONFIG)")
+        config.complete = FILE  # type: ignore[attr-defined]
         return p
 
     p = add("run", cmd_run, "run the agent in the foreground (what systemd runs)")
@@ -249,23 +307,36 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--user", default="edgeagent", help="the user the service runs as")
     p.add_argument("--dry-run", action="store_true", help="print what would be written")
     p.add_argument("--prefix", default="/",
-                   help="root of the paths written (for tests and images); skips user creation")
-    add("check-config", cmd_check_config, "validate a configuration file")
+                   help="root of the paths written (for tests and images); skips user creation"
+                   ).complete = DIRECTORY  # type: ignore[attr-defined]
+    p.add_argument("--exec", dest="exec_start", metavar="PATH",
+                   help="the edgeagent the unit runs (default: this one); with --prefix, the "
+                        "path as the target system sees it").complete = FILE  # type: ignore[attr-defined]
+    p = add("check-config", cmd_check_config, "validate a configuration file")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (the settings, or the error with its key)")
     p = add("probe", cmd_probe, "show device facts, the chosen profile and the provider plans")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--root", default="/", help="read device facts under this directory")
+    p.add_argument("--root", default="/", help="read device facts under this directory"
+                   ).complete = DIRECTORY  # type: ignore[attr-defined]
     p.add_argument("--profile", help="force a device profile by name")
     p = add("status", cmd_status, "ask the running agent for its state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("completion", help="print a bash or zsh completion script",
+                       description="Print a completion script for bash or zsh, e.g. "
+                                   "'edgeagent completion bash > /usr/share/bash-completion/"
+                                   "completions/edgeagent' or 'edgeagent completion zsh > "
+                                   "/usr/local/share/zsh/site-functions/_edgeagent'.")
+    p.set_defaults(func=cmd_completion)
+    p.add_argument("shell", choices=["bash", "zsh"])
     if not full:
         return parser
     from edgeagent.admin import add_admin_commands
 
     add_admin_commands(add)
-    from edgeagent.control.fleet import add_fleet_parser
+    from edgeagent.fleet.cli import add_fleet_parser
 
-    add_fleet_parser(sub, "configuration file for [mqtt] credentials (default "
-                          "/etc/edgeagent/agent.toml, or $EDGEAGENT_CONFIG)")
+    add_fleet_parser(sub)
     return parser
 
 
@@ -276,11 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below, not at exit
     except EdgeAgentError as exc:
         print(f"edgeagent: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgeagent status | head`): not an error of ours. Point stdout
+        # at /dev/null so the interpreter's last flush does not fail again (Python's own
+        # recipe, docs of the signal module), and exit as a tool killed by SIGPIPE does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
     return code
 
 

@@ -60,6 +60,41 @@ class HttpSection:
     max_request_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     max_tensor_elements: int = 64 * 1024 * 1024
+    max_bytes_elements: int = 1024 * 1024
+    """Elements one BYTES tensor may declare (each is a Python object on the box)."""
+    header_timeout_s: float = 10.0
+    """Seconds a request head may take to arrive in full (from its first byte, or from the
+    connection's opening); past it the connection is closed."""
+    body_timeout_s: float = 60.0
+    """Seconds a request body may take to arrive in full, once its head is in."""
+    keepalive_timeout_s: float = 5.0
+    """Seconds an idle keep-alive connection is kept open for a next request."""
+    max_connections: int = 4096
+    """Open connections at most; lowered at start-up to stay below the open-file limit."""
+
+
+@dataclass(frozen=True)
+class GrpcSection:
+    """``[grpc]``: the Open Inference Protocol over gRPC (Triton's ``GRPCInferenceService``).
+
+    The request bounds of ``[http]`` (``max_request_bytes``, ``max_tensor_elements``) and its
+    token apply to gRPC too.
+    """
+
+    listen: str = "127.0.0.1:8001"
+    """``HOST:PORT``, ``unix:PATH``, or empty: no gRPC listener."""
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: an optional listener of its own for ``GET /metrics``, so a remote
+    Prometheus can scrape without reaching inference (``/metrics`` stays on ``[http]`` too)."""
+
+    listen: str = ""
+    """``HOST:PORT`` or ``unix:PATH``; empty = no separate listener."""
+    token_file: str = ""
+    """Bearer token for the metrics listener; empty = the HTTP token (``http.token_file``),
+    if any. Beyond loopback one of the two is required."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +109,14 @@ class HubSection:
     """Previous versions kept on disk per model for instant rollback."""
     disk_budget_mb: int = 0
     """0 = no budget beyond the free space check."""
+    timeout_s: float = 30.0
+    """Connect and read timeout; also the window ``min_rate_bytes_s`` is measured over."""
+    file_timeout_s: float = 300.0
+    """Each file (metadata or model) may take this plus its size at ``min_rate_bytes_s``."""
+    min_rate_bytes_s: int = 16 * 1024
+    """Slowest transfer kept going (16 KiB/s: a weak mobile link); slower ones are retried."""
+    retries: int = 5
+    """Further attempts after a transient failure, with backoff and jitter."""
 
 
 @dataclass(frozen=True)
@@ -167,11 +210,15 @@ class AgentConfig:
 
     agent: AgentSection = field(default_factory=AgentSection)
     http: HttpSection = field(default_factory=HttpSection)
+    grpc: GrpcSection = field(default_factory=GrpcSection)
     hub: HubSection = field(default_factory=HubSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     models: tuple[ModelSection, ...] = ()
     source: str = ""
     """Where the configuration came from (a path, or ``embedded defaults``)."""
+    ignored_env: tuple[str, ...] = ()
+    """``EDGEAGENT_*`` variables that are not overrides (no ``__``): ignored, to be warned of."""
 
     def state_path(self, env: Mapping[str, str]) -> Path:
         """The state directory: configured, else ``$STATE_DIRECTORY``, else ./edgeagent-data."""
@@ -183,6 +230,14 @@ class AgentConfig:
             return Path(systemd_dir.split(":")[0])
         return Path("edgeagent-data")
 
+    def cache_path(self, env: Mapping[str, str]) -> Path:
+        """Where rebuildable caches go (TensorRT engines): ``$CACHE_DIRECTORY`` under systemd
+        (``CacheDirectory=``, /var/cache/edgeagent), else the state directory."""
+        systemd_dir = env.get("CACHE_DIRECTORY", "")
+        if systemd_dir:
+            return Path(systemd_dir.split(":")[0])
+        return self.state_path(env)
+
     def model(self, name: str) -> ModelSection | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -190,8 +245,10 @@ class AgentConfig:
 _SECTIONS: dict[str, type[Any]] = {
     "agent": AgentSection,
     "http": HttpSection,
+    "grpc": GrpcSection,
     "hub": HubSection,
     "mqtt": MqttSection,
+    "metrics": MetricsSection,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -292,17 +349,14 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"must be {'>= 0' if allow_zero else '> 0'}, got {value}", key)
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, key: str = "http.listen", example: str = "127.0.0.1:8080") -> None:
     if listen.startswith("unix:"):
         if not listen[5:]:
-            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)",
-                              "http.listen")
+            raise ConfigError("unix: needs a socket path (unix:/run/edgeagent/api.sock)", key)
         return
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"expected HOST:PORT (127.0.0.1:8080) or unix:PATH, got {listen!r}", "http.listen"
-        )
+        raise ConfigError(f"expected HOST:PORT ({example}) or unix:PATH, got {listen!r}", key)
     bare = host.strip("[]")
     if bare != "localhost":
         try:
@@ -310,15 +364,22 @@ def _check_listen(listen: str) -> None:
         except ValueError:
             raise ConfigError(
                 f"{host!r} is not an IP address; use an address (0.0.0.0, 127.0.0.1, [::1])",
-                "http.listen",
+                key,
             ) from None
 
 
 def _validate(cfg: AgentConfig) -> None:
     """Cross-field rules that the types alone do not express."""
     _validate_agent_http(cfg.agent, cfg.http)
+    if cfg.grpc.listen:
+        _check_listen(cfg.grpc.listen, "grpc.listen", "127.0.0.1:8001")
     _validate_hub(cfg.hub)
     _validate_mqtt(cfg.mqtt)
+    if cfg.metrics.listen:
+        _check_listen(cfg.metrics.listen, "metrics.listen")
+        if cfg.metrics.listen == cfg.http.listen:
+            raise ConfigError("must differ from http.listen (/metrics is served there already)",
+                              "metrics.listen")
     _validate_models(cfg.models, cfg.hub)
 
 
@@ -329,7 +390,9 @@ def _validate_agent_http(a: AgentSection, h: HttpSection) -> None:
         raise ConfigError("expected auto, text or json", "agent.log_format")
     _positive(a.shutdown_grace_s, "agent.shutdown_grace_s", allow_zero=True)
     _check_listen(h.listen)
-    for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements"):
+    for key in ("max_request_bytes", "max_header_bytes", "max_tensor_elements",
+                "max_bytes_elements", "header_timeout_s", "body_timeout_s",
+                "keepalive_timeout_s", "max_connections"):
         _positive(getattr(h, key), f"http.{key}")
 
 
@@ -345,6 +408,9 @@ def _validate_hub(hub: HubSection) -> None:
     _positive(hub.poll_interval_s, "hub.poll_interval_s")
     _positive(hub.keep_versions, "hub.keep_versions", allow_zero=True)
     _positive(hub.disk_budget_mb, "hub.disk_budget_mb", allow_zero=True)
+    for key in ("timeout_s", "file_timeout_s", "min_rate_bytes_s"):
+        _positive(getattr(hub, key), f"hub.{key}")
+    _positive(hub.retries, "hub.retries", allow_zero=True)
 
 
 def _validate_mqtt(m: MqttSection) -> None:
@@ -442,22 +508,44 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "EDGEAGENT_CONFIG":
+#: ``EDGEAGENT_*`` names that are not overrides and are documented (``EDGEAGENT_CONFIG``).
+ENV_NAMES = ("EDGEAGENT_CONFIG",)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]
+               ) -> tuple[dict[str, Any], dict[str, str], tuple[str, ...]]:
+    """Apply ``EDGEAGENT_<SECTION>__<KEY>`` overrides.
+
+    Returns:
+        The merged document, the key paths set from the environment (key path -> variable, so
+        an error in one is blamed on the variable, not the file), and the ``EDGEAGENT_*`` names
+        without ``__`` (a wrapper script's ``EDGEAGENT_VENV``, say): not overrides, ignored.
+    """
+    from_env: dict[str, str] = {}
+    ignored: list[str] = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NAMES:
             continue
         section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
-        if not sep or section not in _SECTIONS or not key:
+        if not sep:
+            ignored.append(name)
+            continue
+        if section not in _SECTIONS or not key:
             raise ConfigError(
                 f"not a configuration override; use {ENV_PREFIX}<SECTION>__<KEY> with a section "
                 f"among {', '.join(_SECTIONS)}",
                 source=name,
             )
+        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(known)})",
+                              f"{section}.{key}", source=name)
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError("expected a table", section)
         table[key] = _env_value(raw)
-    return data
+        from_env[f"{section}.{key}"] = name
+    return data, from_env, tuple(ignored)
 
 
 def parse_config(
@@ -474,8 +562,9 @@ def parse_config(
         ConfigError: naming the key path and what is wrong.
     """
     merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    from_env: dict[str, str] = {}
     try:
-        merged = _apply_env(merged, env or {})
+        merged, from_env, ignored = _apply_env(merged, env or {})
         unknown = sorted(set(merged) - set(_SECTIONS) - {"models"})
         if unknown:
             raise ConfigError(
@@ -488,11 +577,15 @@ def parse_config(
         if not isinstance(models, list):
             raise ConfigError("expected an array of tables ([[models]])", "models")
         kwargs["models"] = tuple(_build_model(m, f"models[{i}]") for i, m in enumerate(models))
-        cfg = AgentConfig(**kwargs, source=source or "embedded defaults")
+        cfg = AgentConfig(**kwargs, source=source or "embedded defaults", ignored_env=ignored)
         _validate(cfg)
     except ConfigError as exc:
+        if not exc.source and exc.key_path in from_env:
+            # The value came from the environment: blame the variable, not the file.
+            message = str(exc).removeprefix(f"{exc.key_path}: ")
+            raise ConfigError(message, exc.key_path, from_env[exc.key_path]) from None
         if source and not exc.source:
-            raise ConfigError(str(exc), exc.key_path, source) from None
+            raise ConfigError(exc.message, exc.key_path, source) from None
         raise
     return cfg
 
@@ -564,5 +657,33 @@ def read_token(config: AgentConfig) -> str | None:
             f"{config.http.listen} is reachable from other hosts; set http.token_file "
             "(a file holding a bearer token) or listen on 127.0.0.1",
             "http.listen",
+        )
+    if token is None and config.grpc.listen and not is_loopback_listen(config.grpc.listen):
+        raise ConfigError(
+            f"{config.grpc.listen} is reachable from other hosts; set http.token_file "
+            "(its token guards gRPC too) or listen on 127.0.0.1",
+            "grpc.listen",
+        )
+    return token
+
+
+def read_metrics_token(config: AgentConfig, http_token: str | None) -> str | None:
+    """The metrics listener's token: ``metrics.token_file``, else the HTTP token; refuse to
+    serve metrics beyond loopback without one (the rule ``[http]`` follows)."""
+    token = http_token
+    if config.metrics.token_file:
+        try:
+            token = Path(config.metrics.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file: {exc.strerror}",
+                              "metrics.token_file") from exc
+        if len(token) < 16:
+            raise ConfigError("the token must be at least 16 characters", "metrics.token_file")
+    if (token is None and config.metrics.listen
+            and not is_loopback_listen(config.metrics.listen)):
+        raise ConfigError(
+            f"{config.metrics.listen} is reachable from other hosts; set metrics.token_file "
+            "(or http.token_file) or listen on 127.0.0.1",
+            "metrics.listen",
         )
     return token

@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from edgeagent.config import AgentConfig, ModelSection
 DEMO_NAME = "demo"
 DEMO_HUB = "demo-hub"
 DEMO_KEYS = "demo-keys"
+DEMO_FILE = "demo.onnx"
 #: The demo hub is signed once, on the box that serves it: no short-lived metadata to renew.
 DEMO_EXPIRY = {role: timedelta(days=3650) for role in ("root", "targets", "snapshot", "timestamp")}
 WEIGHTS = np.array(
@@ -33,25 +35,11 @@ WEIGHTS = np.array(
 BIAS = np.array([0.1, 0.0, -0.1], dtype=np.float32)
 
 
-def build_demo_model() -> bytes:
-    """Serialise the demo model (ONNX, opset 13)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "W"], ["logits_raw"]),
-            helper.make_node("Add", ["logits_raw", "B"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-        ],
-        "demo",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[numpy_helper.from_array(WEIGHTS, "W"), numpy_helper.from_array(BIAS, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                              producer_name="edgeagent-demo")
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
+def demo_model() -> bytes:
+    """The demo model (ONNX, opset 13: MatMul by :data:`WEIGHTS`, Add :data:`BIAS`, Softmax),
+    shipped as ``edgeagent/demo.onnx`` so that the box needs no ``onnx`` package to make it
+    (a test checks the file against these weights)."""
+    return (resources.files("edgeagent") / DEMO_FILE).read_bytes()
 
 
 def demo_outputs(inputs: np.ndarray) -> np.ndarray:
@@ -105,7 +93,7 @@ def ensure_demo_hub(state_dir: Path) -> bool:
         shutil.rmtree(leftover, ignore_errors=True)
     repo = HubRepository(work / "hub", work / "keys", DEMO_EXPIRY)
     repo.init()
-    model = build_demo_model()
+    model = demo_model()
     samples = np.random.default_rng(0).standard_normal((2, 1, 4)).astype(np.float32)
     buffer = io.BytesIO()
     arrays: dict[str, Any] = {"inputs/input": samples,

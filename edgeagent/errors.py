@@ -28,6 +28,8 @@ class ConfigError(EdgeAgentError):
     exit_code = 2
 
     def __init__(self, message: str, key_path: str = "", source: str = "") -> None:
+        self.message = message
+        """What is wrong, without the source and key path (to re-raise with a source)."""
         self.key_path = key_path
         self.source = source
         where = ""
@@ -108,12 +110,30 @@ class Overloaded(EdgeAgentError):
         super().__init__(message)
 
 
+class DeadlineExceeded(Overloaded):
+    """A request's ``timeout`` passed while it waited in the model's queue; it was not run.
+
+    An :class:`Overloaded` (HTTP 503 with Retry-After; gRPC UNAVAILABLE), as Triton answers it.
+    """
+
+
 class HubError(EdgeAgentError):
     """The hub could not be reached, or what it served could not be verified."""
 
 
+class HubTransientError(HubError, TransientError):
+    """A transfer from the hub failed on the way, with nothing known to be wrong with what it
+    serves: unreachable, an HTTP 5xx or 429, a reset, a timeout, a transfer slower than
+    ``hub.min_rate_bytes_s`` or past its deadline, one that ended short. Retried with backoff;
+    never a reason to mark a release as failed."""
+
+
 class VerificationError(HubError):
-    """Hub content failed verification (signature, hash, length, version rules)."""
+    """Hub content failed verification (signature, hash, length, version rules).
+
+    Raised for a file only once it is complete (or longer than signed): a transfer that
+    ended short is a :class:`HubTransientError`.
+    """
 
 
 class BrokerError(EdgeAgentError):

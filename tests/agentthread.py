@@ -5,11 +5,17 @@ if any of its threads are left behind. Shared by the HTTP API and hub tests."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
 from edgeagent.app import Agent
-from edgeagent.config import AgentConfig
+from edgeagent.config import AgentConfig, GrpcSection
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -21,10 +27,15 @@ def free_port() -> int:
 class AgentThread:
     """Runs an :class:`Agent` in a background thread's event loop until :meth:`stop`."""
 
-    def __init__(self, config: AgentConfig) -> None:
-        self.agent = Agent(config)
+    def __init__(self, config: AgentConfig, root: Path = Path("/")) -> None:
+        if config.grpc.listen == GrpcSection().listen:
+            # Never the default port: tests (and other agents on the box) run side by side.
+            config = dataclasses.replace(
+                config, grpc=GrpcSection(listen=f"127.0.0.1:{free_port()}"))
+        self.agent = Agent(config, root=root)
         listen = config.http.listen
         self.url = f"http://{listen}"
+        self.grpc_url = config.grpc.listen
         self.token = self.agent.token
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -60,6 +71,11 @@ class AgentThread:
             self._thread.join()
             raise self._error
         return self
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run a coroutine on the agent's event loop (from the test's thread) and wait for it."""
+        assert self._loop is not None, "call() before start()"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

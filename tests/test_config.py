@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -85,10 +87,65 @@ def test_bad_values_name_their_key(doc: dict, key: str, words: str) -> None:
 
 
 def test_bad_env_override_is_named() -> None:
-    with pytest.raises(ConfigError, match="EDGEAGENT_NOPE"):
-        parse_config({}, {"EDGEAGENT_NOPE": "1"})
-    with pytest.raises(ConfigError, match=r"http\.max_request_bytes"):
-        parse_config({}, {"EDGEAGENT_HTTP__MAX_REQUEST_BYTES": "lots"})
+    with pytest.raises(ConfigError, match=r"http\.max_request_bytes") as info:
+        parse_config({}, {"EDGEAGENT_HTTP__MAX_REQUEST_BYTES": "lots"}, source="agent.toml")
+    assert info.value.source == "EDGEAGENT_HTTP__MAX_REQUEST_BYTES"  # not the file
+    assert str(info.value) == ("EDGEAGENT_HTTP__MAX_REQUEST_BYTES: http.max_request_bytes: "
+                               "expected an integer, got 'lots'")
+    with pytest.raises(ConfigError, match="EDGEAGENT_NOPE__X: not a configuration override"):
+        parse_config({}, {"EDGEAGENT_NOPE__X": "1"})
+
+
+def test_names_without_a_double_underscore_are_ignored_and_reported() -> None:
+    """A wrapper script's EDGEAGENT_VENV is not an override: ignored (warned about by the
+    commands), never fatal."""
+    env = {"EDGEAGENT_VENV": "/opt/edgeagent", "EDGEAGENT_NOPE": "1", "EDGEAGENT_CONFIG": "",
+           "EDGEAGENT_HTTP__LISTEN": "127.0.0.1:9000", "PATH": "/bin"}
+    config = parse_config({}, env)
+    assert config.ignored_env == ("EDGEAGENT_NOPE", "EDGEAGENT_VENV")
+    assert config.http.listen == "127.0.0.1:9000"
+    assert parse_config({}, {}).ignored_env == ()
+
+
+def test_unknown_env_key_is_blamed_on_the_environment(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[http]\nlisten = "127.0.0.1:8080"\n')
+    with pytest.raises(ConfigError) as info:
+        parse_config({}, {"EDGEAGENT_HTTP__LISTN": "127.0.0.1:1"}, source=str(path))
+    assert info.value.source == "EDGEAGENT_HTTP__LISTN"
+    assert info.value.key_path == "http.listn"
+    assert "unknown key 'listn'" in str(info.value) and str(path) not in str(info.value)
+    monkeypatch.setenv("EDGEAGENT_HTTP__LISTN", "127.0.0.1:1")
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeagent: error: EDGEAGENT_HTTP__LISTN: http.listn: unknown key")
+    assert str(path) not in err
+
+
+def test_check_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[http]\nlisten = "127.0.0.1:9000"\n\n[[models]]\nname = "m"\n'
+                    'path = "/opt/m.onnx"\n')
+    monkeypatch.setenv("EDGEAGENT_VENV", "/opt/edgeagent")
+    assert main(["check-config", "--json", "--config", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["source"] == str(path) and doc["models"] == 1
+    assert doc["ignored_env"] == ["EDGEAGENT_VENV"]
+    assert doc["config"]["http"]["listen"] == "127.0.0.1:9000"
+    assert doc["config"]["models"][0]["path"] == "/opt/m.onnx"
+    assert main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "OK (1 model(s))" in captured.out
+    assert "warning: EDGEAGENT_VENV is not a configuration override" in captured.err
+
+    path.write_text('[http]\nlisten = "nowhere"\n')
+    assert main(["check-config", "--json", "--config", str(path)]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["key"] == "http.listen" and doc["source"] == str(path)
+    assert "expected HOST:PORT" in doc["error"]
 
 
 def test_missing_explicit_file_and_bad_toml(tmp_path: Path) -> None:
@@ -121,3 +178,25 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert err.startswith("edgeagent: error: ") and "http.listen" in err
     assert "Traceback" not in err
+
+
+def test_cache_path_is_systemds_cache_directory_else_the_state_dir() -> None:
+    config = parse_config({})
+    assert config.cache_path({"CACHE_DIRECTORY": "/var/cache/edgeagent"}) == Path(
+        "/var/cache/edgeagent")
+    assert config.cache_path({"STATE_DIRECTORY": "/var/lib/edgeagent"}) == Path(
+        "/var/lib/edgeagent")
+    assert config.cache_path({}) == Path("edgeagent-data")
+
+
+def test_commands_warn_of_ignored_names_and_carry_on(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEAGENT_VENV": "/opt/edgeagent",
+           "EDGEAGENT_AGENT__STATE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "edgeagent", "probe", "--json"], env=env,
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "EDGEAGENT_VENV is not a configuration override" in out.stderr
+    assert json.loads(out.stdout)["profile"]

@@ -9,11 +9,12 @@ their status by :mod:`edgeagent.api.errors`, the one place that maps them.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,18 +24,18 @@ from starlette.types import ASGIApp
 
 from edgeagent.api.auth import RequestGuard
 from edgeagent.api.codec import parse_json
+from edgeagent.api.dataplane import DataPlane
 from edgeagent.api.errors import (
     BadRequest,
-    NotReady,
+    ErrorBoundary,
     handle_edgeagent_error,
     handle_http_exception,
     handle_unexpected,
 )
 from edgeagent.api.infer import InferEndpoint, infer_fast_path, parse_version, receive_body
-from edgeagent.api.metrics import CONTENT_TYPE_LATEST, build_registry
-from edgeagent.api.triton import model_config, model_metadata, server_metadata
-from edgeagent.errors import EdgeAgentError, ModelNotFound
-from edgeagent.runtime.scheduler import ModelLimits
+from edgeagent.api.metrics import metrics_response, registry_for
+from edgeagent.api.triton import server_metadata
+from edgeagent.errors import EdgeAgentError
 
 if TYPE_CHECKING:
     from edgeagent.api.services import Services
@@ -57,7 +58,8 @@ class Api:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.http = services.config.http
-        self.registry = build_registry(services.scheduler, services.manager)
+        self.plane = DataPlane(services)
+        self.registry = registry_for(services)
 
     # ---- health and metadata ----------------------------------------------------------
 
@@ -68,50 +70,33 @@ class Api:
         return JSONResponse({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        if self.s.draining():
-            raise NotReady("the agent is shutting down")
-        waiting = [n for n in self.s.owner.names() if not self.s.manager.ready(n)]
-        if waiting:
-            raise NotReady(f"not ready: model(s) {', '.join(waiting)} not loaded "
-                           "(see GET /v2/repository/index)")
+        self.plane.server_ready()
         return JSONResponse({"ready": True})
 
     async def model_metadata(self, request: Request) -> Response:
-        mv = self.s.manager.get(request.path_params["name"], _version(request))
-        return JSONResponse(model_metadata(mv))
+        return JSONResponse(self.plane.model_metadata(request.path_params["name"],
+                                                      _version(request)))
 
     async def model_ready(self, request: Request) -> Response:
         name = request.path_params["name"]
-        self.s.manager.get(name, _version(request))
-        if self.s.draining():
-            raise NotReady(f"model {name!r} is ready, but the agent is shutting down")
+        self.plane.model_ready(name, _version(request))
         return JSONResponse({"name": name, "ready": True})
 
     async def model_config(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        mv = self.s.manager.get(name, _version(request))
-        section = self.s.config.model(name)
-        limits = ModelLimits.from_section(section) if section else ModelLimits()
-        return JSONResponse(model_config(mv, limits))
+        return JSONResponse(self.plane.model_config(request.path_params["name"],
+                                                    _version(request)))
 
     # ---- statistics and metrics -------------------------------------------------------
 
-    def _stats(self, name: str, version: int | None) -> dict[str, Any]:
-        active = self.s.manager.slot(name).active
-        if version is not None and (active is None or active.version != version):
-            raise ModelNotFound(f"model {name!r} version {version} is not loaded")
-        return self.s.scheduler.stats(name).triton(str(active.version) if active else "")
-
     async def all_stats(self, request: Request) -> Response:
-        return JSONResponse({"model_stats": [self._stats(n, None)
-                                             for n in self.s.manager.names()]})
+        return JSONResponse({"model_stats": self.plane.statistics(None, None)})
 
     async def model_stats(self, request: Request) -> Response:
-        entry = self._stats(request.path_params["name"], _version(request))
-        return JSONResponse({"model_stats": [entry]})
+        entries = self.plane.statistics(request.path_params["name"], _version(request))
+        return JSONResponse({"model_stats": entries})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response(self.registry, request)
 
     async def agent_status(self, request: Request) -> Response:
         return JSONResponse(self.s.status())
@@ -132,40 +117,21 @@ class Api:
         ready_only = payload.get("ready", False)
         if not isinstance(ready_only, bool):
             raise BadRequest("'ready' must be true or false")
-        entries = self._index()
-        if ready_only:
-            entries = [e for e in entries if e["state"] == "READY"]
-        return JSONResponse(entries)
+        return JSONResponse(self.plane.repository_index(ready_only))
 
     async def repository_load(self, request: Request) -> Response:
         name = request.path_params["name"]
         params = (await self._json_object(request)).get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest("'parameters' must be a JSON object")
-        if "config" in params or any(k.startswith("file:") for k in params):
-            raise BadRequest("edgeagent never loads a model from a request: it loads only the "
-                             "models in its configuration, from their file or the hub")
-        version = await self.s.owner.load(name)
+        version = await self.plane.repository_load(name, params)
         return JSONResponse({"name": name, "version": str(version), "state": "READY"})
 
     async def repository_unload(self, request: Request) -> Response:
         name = request.path_params["name"]
         await self._json_object(request)  # read and check the body even if nothing in it is used
-        await self.s.owner.unload(name)
+        await self.plane.repository_unload(name)
         return JSONResponse({"name": name, "state": "UNLOADED"})
-
-    def _index(self) -> list[dict[str, Any]]:
-        """Triton's repository index entries: name, version, state, reason."""
-        out = []
-        for name in self.s.owner.names():
-            slot = self.s.manager.slot(name)
-            entry: dict[str, Any] = {"name": name, "state": slot.state.upper()}
-            if slot.active is not None:
-                entry["version"] = str(slot.active.version)
-            if slot.last_error:
-                entry["reason"] = slot.last_error
-            out.append(entry)
-        return out
 
     # ---- the operator's commands (admin channel, or the token) ----------------------------
 
@@ -232,6 +198,61 @@ class Api:
         await self.s.owner.rollback(name)
         return JSONResponse(self._model_report(name))
 
+    # ---- system shared memory extension -----------------------------------------------
+
+    async def shm_status(self, request: Request) -> Response:
+        return JSONResponse(self.s.shm.status(request.path_params.get("name", "")))
+
+    async def shm_register(self, request: Request) -> Response:
+        payload = await self._json_object(request)
+        key = payload.get("key")
+        offset = payload.get("offset", 0)
+        byte_size = payload.get("byte_size")
+        if not isinstance(key, str):
+            raise BadRequest("'key' must be the shared memory object's key ('/NAME')")
+        for field_name, value in (("offset", offset), ("byte_size", byte_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest(f"'{field_name}' must be an integer")
+        assert isinstance(byte_size, int)
+        self.s.shm.register(request.path_params["name"], key, offset, byte_size)
+        return JSONResponse({})
+
+    async def shm_unregister(self, request: Request) -> Response:
+        await self._json_object(request)
+        self.s.shm.unregister(request.path_params.get("name", ""))
+        return JSONResponse({})
+
+    # ---- CUDA shared memory extension -------------------------------------------------
+
+    async def cuda_status(self, request: Request) -> Response:
+        return JSONResponse(self.s.shm.status(request.path_params.get("name", ""), "cuda"))
+
+    async def cuda_register(self, request: Request) -> Response:
+        payload = await self._json_object(request)
+        handle = payload.get("raw_handle")
+        b64 = handle.get("b64") if isinstance(handle, dict) else None
+        if not isinstance(b64, str):
+            raise BadRequest("'raw_handle' must be {\"b64\": <the base64 cudaIpcMemHandle_t>}")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except binascii.Error:
+            raise BadRequest("'raw_handle.b64' is not base64") from None
+        values = []
+        for field_name in ("device_id", "byte_size"):
+            value = payload.get(field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest(f"'{field_name}' must be an integer")
+            values.append(value)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.s.shm.register_cuda, request.path_params["name"], raw, values[0],
+            values[1])
+        return JSONResponse({})
+
+    async def cuda_unregister(self, request: Request) -> Response:
+        await self._json_object(request)
+        self.s.shm.unregister(request.path_params.get("name", ""), "cuda")
+        return JSONResponse({})
+
 
 def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[Route]:
     """The same route with and without ``/versions/{version}``."""
@@ -242,8 +263,9 @@ def _model_routes(suffix: str, handler: Handler | ASGIApp, method: str) -> list[
 def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
     """The ASGI application serving the local API on ``services``.
 
-    Every request passes the :class:`RequestGuard` (header size, token); inference requests
-    then take the fast path to :class:`InferEndpoint`, the rest go through Starlette.
+    Every request passes the :class:`ErrorBoundary` (any unexpected exception: one 500, one
+    log line) and the :class:`RequestGuard` (header size, token); inference requests then take
+    the fast path to :class:`InferEndpoint`, the rest go through Starlette.
 
     Args:
         services: What the handlers call.
@@ -266,6 +288,20 @@ def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
         Route("/v2/repository/index", api.repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", api.repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", api.repository_unload, methods=["POST"]),
+        Route("/v2/systemsharedmemory/status", api.shm_status, methods=["GET"]),
+        Route("/v2/systemsharedmemory/region/{name}/status", api.shm_status, methods=["GET"]),
+        Route("/v2/systemsharedmemory/region/{name}/register", api.shm_register,
+              methods=["POST"]),
+        Route("/v2/systemsharedmemory/region/{name}/unregister", api.shm_unregister,
+              methods=["POST"]),
+        Route("/v2/systemsharedmemory/unregister", api.shm_unregister, methods=["POST"]),
+        Route("/v2/cudasharedmemory/status", api.cuda_status, methods=["GET"]),
+        Route("/v2/cudasharedmemory/region/{name}/status", api.cuda_status, methods=["GET"]),
+        Route("/v2/cudasharedmemory/region/{name}/register", api.cuda_register,
+              methods=["POST"]),
+        Route("/v2/cudasharedmemory/region/{name}/unregister", api.cuda_unregister,
+              methods=["POST"]),
+        Route("/v2/cudasharedmemory/unregister", api.cuda_unregister, methods=["POST"]),
         Route("/metrics", api.metrics, methods=["GET"]),
         Route("/v1/agent/status", api.agent_status, methods=["GET"]),
         Route("/v1/agent/models", api.agent_models, methods=["GET"]),
@@ -279,6 +315,6 @@ def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
                             HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
     )
-    return RequestGuard(infer_fast_path(app, infer), token=services.token,
-                        max_header_bytes=services.config.http.max_header_bytes,
-                        trusted=trusted)
+    return ErrorBoundary(RequestGuard(infer_fast_path(app, infer), token=services.token,
+                                      max_header_bytes=services.config.http.max_header_bytes,
+                                      trusted=trusted))

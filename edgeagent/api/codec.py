@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -38,8 +39,10 @@ try:  # optional speed-up for large JSON tensors (see the module docstring)
 except ImportError:  # pragma: no cover - a core dependency; absent only on exotic platforms
     simdjson = None  # type: ignore[assignment]  # _parse_large checks for None first
 
+from edgeagent.api.dataplane import InferCall, ShmInput, check_parameters, shm_ref
 from edgeagent.api.errors import BadRequest, PayloadTooLarge
 from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, datatype_of
+from edgeagent.runtime.shm import ShmRef
 
 #: The header that splits a body into a JSON part and a binary part.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -61,6 +64,23 @@ _SIMD_BUFFER: dict[str, Literal["d", "i", "u"]] = {
 }
 _SIMD_DTYPE = {"d": np.float64, "i": np.int64, "u": np.uint64}
 
+#: Most dimensions a tensor may declare: numpy 1's limit (numpy 2 takes 64), so a shape that
+#: passes here can always be built; no model edgeagent serves comes near it.
+MAX_DIMS = 32
+
+#: Most nesting levels a JSON document may have: orjson's own limit. The stdlib parser (only
+#: for what orjson refuses: NaN literals, integers beyond 64 bits) stops at Python's recursion
+#: limit, near the same depth; either way the request gets a 400.
+MAX_JSON_DEPTH = 1024
+
+#: Default for ``http.max_bytes_elements``: BYTES elements one tensor may declare. Each one is a
+#: Python object (about 40 bytes beyond its data), so this bounds what a small body can make the
+#: agent allocate; text and image-bytes inputs hold a handful of elements.
+MAX_BYTES_ELEMENTS = 1 << 20
+
+#: ``\uD800``-``\uDFFF`` escapes: the only way a lone surrogate gets into a parsed document.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
 
 @dataclass(frozen=True)
 class RequestedOutput:
@@ -68,6 +88,8 @@ class RequestedOutput:
 
     name: str
     binary: bool
+    shm: ShmRef | None = None
+    """Where to write it instead (Triton's system shared memory extension)."""
 
 
 @dataclass
@@ -80,10 +102,20 @@ class InferRequest:
     """The outputs asked for, in order; empty means all of them."""
     binary_output: bool
     """``parameters.binary_data_output``: the default for outputs not listed."""
+    shm_inputs: dict[str, ShmInput] = field(default_factory=dict)
+    """Inputs whose bytes are in a registered shared memory region."""
+    priority: int = 0
+    timeout_us: int = 0
 
     @property
     def output_names(self) -> list[str] | None:
         return [o.name for o in self.outputs] if self.outputs else None
+
+    def call(self) -> InferCall:
+        """The transport-free request (see :mod:`edgeagent.api.dataplane`)."""
+        return InferCall(self.inputs, self.output_names, self.shm_inputs,
+                         {o.name: o.shm for o in self.outputs if o.shm is not None},
+                         self.priority, self.timeout_us)
 
     def wants_binary(self, name: str) -> bool:
         for out in self.outputs:
@@ -93,21 +125,24 @@ class InferRequest:
 
 
 def header_length(value: str | None, body_size: int) -> int | None:
-    """Parse ``Inference-Header-Content-Length``; ``None`` when the whole body is JSON.
+    """Parse ``Inference-Header-Content-Length``; ``None`` when the whole body is JSON, 0 for
+    Triton's raw binary request (the whole body is the model's one input).
 
     Raises:
-        BadRequest: not an integer, or outside ``1..body_size``.
+        BadRequest: not an integer, or outside ``0..body_size``.
     """
     if value is None:
         return None
     try:
+        if not value.isascii() or len(value) > 20:
+            raise ValueError(value)  # int() takes other scripts' digits and 4,300 of them
         n = int(value)
     except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
-    if not 0 < n <= body_size:
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value[:40]!r}") from None
+    if not 0 <= n <= body_size:
         raise BadRequest(
             f"{HEADER_LENGTH} is {n}, but the body has {body_size} bytes "
-            "(expected 1 to the body size)"
+            "(expected 0 to the body size)"
         )
     return n
 
@@ -117,19 +152,51 @@ def parse_json(data: bytes | bytearray | memoryview, what: str = "request body")
 
     What orjson refuses is parsed again by the stdlib, so the same documents are accepted as
     ever (``NaN``/``Infinity`` literals, integers beyond 64 bits) and errors read the same.
+    Either parser's limits are a 400 too: nesting deeper than :data:`MAX_JSON_DEPTH`, integers
+    of more than 4,300 digits (Python's limit), strings holding a lone surrogate (not text).
     """
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # the stdlib would only recurse as deep, or crash
+            raise BadRequest(f"the {what} is not valid JSON: nested more than "
+                             f"{MAX_JSON_DEPTH} levels deep") from None
+    raw = bytes(data)
     try:
-        return json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"the {what} is not valid JSON: nested too deeply (at most "
+                         f"{MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
         raise BadRequest(f"the {what} is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(doc):
+        raise BadRequest(f"the {what} is not valid JSON: a string holds a lone surrogate "
+                         "(\\uD800-\\uDFFF without its pair), which is not valid UTF-8 text")
+    return doc
+
+
+def _holds_lone_surrogate(doc: Any) -> bool:
+    """Whether any string (key or value) of a parsed document cannot be encoded as UTF-8."""
+    stack = [doc]
+    while stack:  # iterative: the document may be nested up to the parser's limit
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def decode_request(body: bytes | bytearray, header_size: int | None,
-                   max_elements: int) -> InferRequest:
+                   max_elements: int, *,
+                   max_bytes_elements: int = MAX_BYTES_ELEMENTS) -> InferRequest:
     """Decode an inference request body into numpy arrays.
 
     Args:
@@ -137,6 +204,8 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
         header_size: ``Inference-Header-Content-Length`` (already checked by
             :func:`header_length`), or ``None`` when the whole body is JSON.
         max_elements: Most elements any one tensor may declare (``http.max_tensor_elements``).
+        max_bytes_elements: Most elements a BYTES tensor may declare
+            (``http.max_bytes_elements``).
 
     Returns:
         The request, its binary inputs being views of ``body``.
@@ -144,7 +213,11 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
     Raises:
         BadRequest: malformed JSON, missing or mistyped fields, data that does not match the
             declared shape, binary sizes that do not add up.
-        PayloadTooLarge: a tensor declares more than ``max_elements`` elements.
+        PayloadTooLarge: a tensor declares more than ``max_elements`` elements (a BYTES one
+            more than ``max_bytes_elements``), or a dimension larger than ``max_elements``.
+
+    Every count is checked against the limits and the body's size before anything is
+    allocated for it; nothing here raises but these two classes.
     """
     view = memoryview(body)
     if header_size is None:
@@ -161,23 +234,30 @@ def decode_request(body: bytes | bytearray, header_size: int | None,
         raise BadRequest("'id' must be a string")
     params = _mapping(header, "parameters", "the request")
     binary_output = _flag(params, "binary_data_output", "the request")
+    priority, timeout_us = check_parameters(params)
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
     inputs: dict[str, np.ndarray] = {}
+    shm_inputs: dict[str, ShmInput] = {}
     offset = 0
     for i, tensor in enumerate(raw_inputs):
-        name, arr, used = _decode_input(tensor, i, binary[offset:], max_elements)
-        if name in inputs:
+        name, arr, used = _decode_input(tensor, i, binary[offset:], max_elements,
+                                        max_bytes_elements)
+        if name in inputs or name in shm_inputs:
             raise BadRequest(f"input {name!r} is given twice")
-        inputs[name] = arr
+        if isinstance(arr, ShmInput):
+            shm_inputs[name] = arr
+        else:
+            inputs[name] = arr
         offset += used
     if offset != len(binary):
         raise BadRequest(
             f"the binary inputs declare {offset} bytes (binary_data_size), but the body carries "
             f"{len(binary)} bytes after the JSON header"
         )
-    return InferRequest(request_id, inputs, _decode_outputs(header.get("outputs")), binary_output)
+    return InferRequest(request_id, inputs, _decode_outputs(header.get("outputs")), binary_output,
+                        shm_inputs, priority, timeout_us)
 
 
 def _parse_large(body: bytes | bytearray) -> dict[str, Any] | None:
@@ -191,17 +271,19 @@ def _parse_large(body: bytes | bytearray) -> dict[str, Any] | None:
         return None
     try:
         doc = simdjson.Parser().parse(body)  # a parser per call: decoding runs on many threads
-    except ValueError:  # malformed, or what orjson or the stdlib take and simdjson does not
+        if not isinstance(doc, simdjson.Object):
+            return None
+        header: dict[str, Any] = {}
+        for key in doc.keys():  # noqa: SIM118 - a simdjson Object is iterated by keys()
+            value = doc[key]
+            if key == "inputs" and isinstance(value, simdjson.Array):
+                header[key] = [_simd_input(t) for t in value]
+            else:
+                header[key] = _simd_python(value)
+    # ValueError: malformed, or what orjson or the stdlib take and simdjson does not;
+    # RuntimeError: simdjson's limits (depth, integers beyond 64 bits).
+    except (ValueError, RuntimeError):
         return None
-    if not isinstance(doc, simdjson.Object):
-        return None
-    header: dict[str, Any] = {}
-    for key in doc.keys():  # noqa: SIM118 - a simdjson Object is iterated by keys()
-        value = doc[key]
-        if key == "inputs" and isinstance(value, simdjson.Array):
-            header[key] = [_simd_input(t) for t in value]
-        else:
-            header[key] = _simd_python(value)
     return header
 
 
@@ -219,12 +301,14 @@ def _simd_input(tensor: Any) -> Any:
     out = {k: _simd_python(tensor[k]) for k in tensor.keys() if k != "data"}  # noqa: SIM118
     if "data" in tensor:
         data = tensor["data"]
-        kind = _SIMD_BUFFER.get(out.get("datatype"))  # type: ignore[arg-type]
+        datatype = out.get("datatype")
+        kind = _SIMD_BUFFER.get(datatype) if isinstance(datatype, str) else None
         flat = None
         if kind is not None and isinstance(data, simdjson.Array):
             try:
                 flat = np.frombuffer(data.as_buffer(of_type=kind), dtype=_SIMD_DTYPE[kind])
-            except (TypeError, ValueError):  # not all numbers of that kind (or out of range)
+            # not all numbers of that kind, out of range, or nested past simdjson's limits
+            except (TypeError, ValueError, RuntimeError):
                 flat = None
             if flat is not None and flat.size != len(data):
                 flat = None  # nested lists: numpy's own conversion checks them
@@ -256,18 +340,20 @@ def _decode_outputs(raw: Any) -> tuple[RequestedOutput, ...]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise BadRequest(f"outputs[{i}] must be an object with a 'name'")
         params = _mapping(entry, "parameters", f"output {entry['name']!r}")
-        if "classification" in params or "shared_memory_region" in params:
-            raise BadRequest(f"output {entry['name']!r}: classification and shared memory are "
-                             "not supported; ask for the tensor itself")
-        out.append(RequestedOutput(entry["name"], _flag(params, "binary_data",
-                                                         f"output {entry['name']!r}")))
+        if "classification" in params:
+            raise BadRequest(f"output {entry['name']!r}: the classification extension "
+                             "(class_count) is not supported; ask for the tensor itself")
+        what = f"output {entry['name']!r}"
+        out.append(RequestedOutput(entry["name"], _flag(params, "binary_data", what),
+                                   shm_ref(params, what)))
     if len({o.name for o in out}) != len(out):
         raise BadRequest("an output is asked for twice")
     return tuple(out)
 
 
 def _decode_input(tensor: Any, index: int, binary: memoryview,
-                  max_elements: int) -> tuple[str, np.ndarray, int]:
+                  max_elements: int, max_bytes_elements: int,
+                  ) -> tuple[str, np.ndarray | ShmInput, int]:
     """One input: its name, its array, and how many bytes of ``binary`` it used."""
     if not isinstance(tensor, dict):
         raise BadRequest(f"inputs[{index}] must be a JSON object")
@@ -280,17 +366,16 @@ def _decode_input(tensor: Any, index: int, binary: memoryview,
     if datatype not in DATATYPE_TO_NUMPY:
         raise BadRequest(f"input {name!r}: unknown datatype {datatype!r} "
                          f"(known: {', '.join(DATATYPE_TO_NUMPY)})")
-    shape = tensor.get("shape")
-    if (not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
-                              f"http.max_tensor_elements ({max_elements})")
+    shape, count = _check_shape(tensor.get("shape"), name, max_elements)
+    if datatype == "BYTES" and count > max_bytes_elements:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} BYTES elements, more "
+                              f"than http.max_bytes_elements ({max_bytes_elements})")
     params = _mapping(tensor, "parameters", f"input {name!r}")
-    if "shared_memory_region" in params:
-        raise BadRequest(f"input {name!r}: shared memory is not supported; send the data")
+    ref = shm_ref(params, f"input {name!r}")
+    if ref is not None:
+        if "data" in tensor or "binary_data_size" in params:
+            raise BadRequest(f"input {name!r} is in shared memory and also in the request")
+        return name, ShmInput(datatype, tuple(shape), ref), 0
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in tensor:
@@ -306,6 +391,30 @@ def _decode_input(tensor: Any, index: int, binary: memoryview,
     return name, _from_binary(binary[:size], name, datatype, shape, count), size
 
 
+def _check_shape(shape: Any, name: str, max_elements: int) -> tuple[list[int], int]:
+    """A declared shape and its element count, checked before anything is allocated for it.
+
+    A dimension larger than ``max_elements`` is refused even when another one is 0: numpy
+    could not build such an array, and no model takes one.
+    """
+    if not isinstance(shape, list):
+        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"input {name!r}: 'shape' has {len(shape)} dimensions, more than "
+                         f"{MAX_DIMS}")
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        if d > max_elements:
+            raise PayloadTooLarge(f"input {name!r}: shape dimension {str(d)[:40]} is larger "
+                                  f"than http.max_tensor_elements ({max_elements})")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
+                              f"http.max_tensor_elements ({max_elements})")
+    return shape, count
+
+
 def _from_binary(buf: memoryview, name: str, datatype: str, shape: list[int],
                  count: int) -> np.ndarray:
     if datatype == "BYTES":
@@ -318,6 +427,9 @@ def _from_binary(buf: memoryview, name: str, datatype: str, shape: list[int],
 
 
 def _bytes_from_binary(buf: memoryview, name: str, count: int) -> np.ndarray:
+    if count * _LENGTH.size > len(buf):  # checked before the array of count objects exists
+        raise BadRequest(f"input {name!r}: {count} BYTES elements take at least 4 bytes each "
+                         f"({count * _LENGTH.size} bytes), but the input has {len(buf)}")
     out = np.empty(count, dtype=object)
     pos, end = 0, len(buf)
     for i in range(count):
@@ -389,7 +501,10 @@ def _bytes_from_json(data: list[Any], name: str, shape: list[int], count: int) -
         if not isinstance(item, str):
             raise BadRequest(f"input {name!r}: BYTES data in JSON must be strings, "
                              f"element {i} is {type(item).__name__}")
-        out[i] = item.encode()
+        try:
+            out[i] = item.encode()
+        except UnicodeEncodeError:  # a lone surrogate (parse_json refuses them already)
+            raise BadRequest(f"input {name!r}: element {i} is not valid UTF-8 text") from None
     return out.reshape(shape)
 
 
@@ -414,10 +529,14 @@ def encode_response(model_name: str, model_version: int, request: InferRequest,
     """
     entries: list[dict[str, Any]] = []
     buffers: list[bytes | memoryview] = []
+    shm = {o.name: o.shm for o in request.outputs if o.shm is not None}
     for name, arr in outputs.items():
         datatype = datatype_of(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if request.wants_binary(name):
+        if name in shm:
+            pass  # written into its region by the data plane: name, datatype, shape only (as
+            # Triton answers; its C++ client reads any "parameters" as binary data)
+        elif request.wants_binary(name):
             buf = _to_binary(arr, datatype)
             entry["parameters"] = {"binary_data_size": len(buf)}
             buffers.append(buf)

@@ -15,19 +15,20 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeagent.api.codec import decode_request, encode_response, header_length
+from edgeagent.api.compression import compress, decompress
+from edgeagent.api.dataplane import DataPlane, raw_binary_request
 from edgeagent.api.errors import (
     BadRequest,
-    NotReady,
     PayloadTooLarge,
     error_response,
-    unexpected_response,
 )
 from edgeagent.errors import EdgeAgentError, ModelNotFound
 
@@ -35,10 +36,14 @@ if TYPE_CHECKING:
     from edgeagent.api.services import Services
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Bodies (and outputs) above this size are decoded (encoded) in a worker thread, so one large
 #: request never stalls the event loop; smaller ones are cheaper to handle inline.
 OFFLOAD_BYTES = 1 << 20
+
+#: Digits a version in a path may have: more than any version (an int64) can.
+_VERSION_DIGITS = 19
 
 #: The two infer routes, with Starlette's ``{param}`` semantics (one path segment each).
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
@@ -61,8 +66,11 @@ async def receive_body(receive: Receive, content_length: bytes | str | None,
     if content_length is not None:
         text = (content_length.decode("latin-1") if isinstance(content_length, bytes)
                 else content_length)
-        if not text.isdigit():
-            raise BadRequest(f"Content-Length must be a number of bytes, got {text!r}")
+        if not (text.isascii() and text.isdigit()):  # isdigit() alone takes other scripts'
+            raise BadRequest(f"Content-Length must be a number of bytes, got {text[:40]!r}")
+        if len(text) > 19:  # int() refuses 4,300 digits and more; this is over any limit
+            raise PayloadTooLarge(f"the body is {text[:20]}... bytes, more than "
+                                  f"http.max_request_bytes ({limit})")
         declared = int(text)
         if declared > limit:
             raise PayloadTooLarge(f"the body is {declared} bytes, more than "
@@ -93,12 +101,16 @@ def parse_version(name: str, raw: str | None) -> int | None:
     """The ``{version}`` of a model path, or ``None`` when the path names none.
 
     Raises:
-        ModelNotFound: not a positive integer (no such version can exist).
+        ModelNotFound: not a positive integer in ASCII digits, or one of more digits than any
+            version has (no such version can exist).
     """
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise ModelNotFound(f"model {name!r} has no version {raw!r} "
+    # isdigit() alone takes other scripts' digits (and superscripts, which int() refuses);
+    # int() refuses more than 4,300 digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > _VERSION_DIGITS:
+        shown = raw if len(raw) <= 40 else f"{raw[:40]}..."
+        raise ModelNotFound(f"model {name!r} has no version {shown!r} "
                             "(versions are positive integers)")
     return int(raw)
 
@@ -113,6 +125,7 @@ class InferEndpoint:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        self.plane = DataPlane(services)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = scope["path_params"]
@@ -128,38 +141,57 @@ class InferEndpoint:
         except EdgeAgentError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        except Exception as exc:
-            log.exception("inference request to model %s failed", name)
-            await unexpected_response(exc)(scope, receive, send)
-            return
+        # Anything else is a bug: the transport's boundary (api.errors.ErrorBoundary) answers
+        # 500 and logs it once, with the request id.
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _infer(self, scope: Scope, receive: Receive, name: str,
                      raw_version: str | None) -> tuple[list[tuple[bytes, bytes]], bytes]:
         version = parse_version(name, raw_version)
-        if self.s.draining():
-            raise NotReady("the agent is shutting down; retry once it is back")
-        self.s.manager.get(name, version)  # unknown or not ready: refuse before reading the body
+        self.plane.admit(name, version)  # unknown or not ready: refuse before reading the body
         http = self.s.config.http
-        content_length = binary_header = None
+        content_length = binary_header = content_encoding = accept_encoding = None
         for key, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
             if key == b"content-length" and content_length is None:
                 content_length = value
             elif key == b"inference-header-content-length" and binary_header is None:
                 binary_header = value.decode("latin-1")
-        body = await receive_body(receive, content_length, http.max_request_bytes)
-        decode = functools.partial(decode_request, body, header_length(binary_header, len(body)),
-                                   http.max_tensor_elements)
-        req = decode() if len(body) <= OFFLOAD_BYTES else await run_in_threadpool(decode)
-        mv, outputs = await self.s.scheduler.infer(name, req.inputs, req.output_names, version)
-        encode = functools.partial(encode_response, name, mv.version, req, outputs)
-        size = sum(a.nbytes for a in outputs.values())
-        enc = encode() if size <= OFFLOAD_BYTES else await run_in_threadpool(encode)
-        headers = [(b"content-length", str(len(enc.body)).encode()),
+            elif key == b"content-encoding" and content_encoding is None:
+                content_encoding = value.decode("latin-1")
+            elif key == b"accept-encoding" and accept_encoding is None:
+                accept_encoding = value.decode("latin-1")
+        body: bytes | bytearray = await receive_body(receive, content_length,
+                                                     http.max_request_bytes)
+        if content_encoding is not None:
+            body = await _offload(len(body), decompress, body, content_encoding,
+                                  http.max_request_bytes)
+        size = header_length(binary_header, len(body))
+        if size == 0:  # Triton's raw binary request: the whole body is the one input
+            req = raw_binary_request(self.s.manager.get(name, version), body,
+                                     http.max_tensor_elements)
+        else:
+            req = await _offload(len(body), functools.partial(
+                decode_request, max_bytes_elements=http.max_bytes_elements),
+                body, size, http.max_tensor_elements)
+        mv, outputs = await self.plane.infer(name, version, req.call())
+        out_size = sum(a.nbytes for a in outputs.values())
+        enc = await _offload(out_size, encode_response, name, mv.version, req, outputs)
+        payload, encoding = enc.body, None
+        if accept_encoding is not None:
+            payload, encoding = await _offload(len(payload), compress, payload, accept_encoding)
+        headers = [(b"content-length", str(len(payload)).encode()),
                    (b"content-type", enc.media_type.encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in enc.headers.items()]
-        return headers, enc.body
+        if encoding is not None:
+            headers.append((b"content-encoding", encoding.encode()))
+        return headers, payload
+
+
+async def _offload(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread when ``size`` bytes make it worth the hand-off."""
+    call = functools.partial(fn, *args)
+    return call() if size <= OFFLOAD_BYTES else await run_in_threadpool(call)
 
 
 def infer_fast_path(app: ASGIApp, endpoint: InferEndpoint) -> ASGIApp:

@@ -17,7 +17,8 @@ from edgeagent.runtime.manager import ModelVersion
 from edgeagent.runtime.scheduler import ModelLimits
 
 #: Protocol extensions this server implements (listed by ``GET /v2``).
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics",
+              "system_shared_memory")
 
 #: Triton backend name of each platform string.
 _BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorflow_lite": "tflite"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,10 @@ from edgeagent.device.profiles import (
     load_profiles,
     select_profile,
 )
+
+NO_BUILD_FIX = "pip install 'edgeagent[cpu]' (or 'edgeagent[gpu]' on an NVIDIA box)"
+BOTH_BUILDS_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                   "'edgeagent[gpu]' (or 'edgeagent[cpu]')")
 
 #: Stands for the model's content hash in the cache paths probe shows.
 MODEL_HASH_PLACEHOLDER = "{model_hash}"
@@ -42,6 +46,7 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
                  profiles_dir: Path | None = None,
                  runtimes: RuntimeFacts | None = None,
                  hub_variants: HubVariants | None = None,
+                 cache_dir: Path | None = None,
                  models: Sequence[ModelOverrides] = ()) -> dict[str, Any]:
     """Everything ``edgeagent probe`` shows, as a JSON-able dict.
 
@@ -53,6 +58,8 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         runtimes: Python-environment facts; detected live when omitted.
         hub_variants: Gives, for the chosen profile and the facts, the variant each configured
             hub model would run here (the caller knows the hub; the device side does not).
+        cache_dir: Where TensorRT caches go (default ``state_dir``; ``$CACHE_DIRECTORY``
+            under systemd).
         models: The configured models' overrides; each gets the plan they make.
 
     Returns:
@@ -69,13 +76,13 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
     profiles = load_profiles(profiles_dir)
     selection = select_profile(profiles, facts, forced_profile)
     profile = selection.profile
-    cache_dir = Path(state_dir) / TRT_CACHE_DIRNAME
+    trt_cache = Path(cache_dir or state_dir) / TRT_CACHE_DIRNAME
     plans = []
     for fmt, preferred in (("onnx", profile.onnx_precisions),
                            ("tflite", profile.tflite_precisions)):
         ordered = [*preferred, *(p for p in PRECISIONS if p not in preferred)]
         for precision in ordered:
-            plan = plan_providers(profile, facts, fmt, precision, cache_dir=cache_dir,
+            plan = plan_providers(profile, facts, fmt, precision, cache_dir=trt_cache,
                                   model_hash=MODEL_HASH_PLACEHOLDER).to_dict()
             plan["preferred"] = precision in preferred
             plans.append(plan)
@@ -84,9 +91,10 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         "profile": {**selection.to_dict(), "details": profile.to_dict()},
         "plans": plans,
         "installed": dict(facts.runtimes.packages),
+        "onnxruntime_build": onnxruntime_build(facts.runtimes.packages),
         "missing": _missing(profile, facts),
         "hub_models": hub_variants(profile, facts) if hub_variants is not None else [],
-        "models": [_model_plan(profile, facts, m, cache_dir) for m in models],
+        "models": [_model_plan(profile, facts, m, trt_cache) for m in models],
     }
 
 
@@ -101,6 +109,23 @@ def _model_plan(profile: DeviceProfile, facts: DeviceFacts, m: ModelOverrides,
             "plan": plan.to_dict()}
 
 
+def onnxruntime_build(packages: Mapping[str, str]) -> dict[str, Any]:
+    """Which onnxruntime build is installed: ``cpu`` (onnxruntime), ``gpu`` (onnxruntime-gpu),
+    ``both`` (they overwrite each other's files: a warning) or ``none``, with the versions."""
+    cpu, gpu = packages.get("onnxruntime"), packages.get("onnxruntime-gpu")
+    build = "both" if cpu and gpu else "cpu" if cpu else "gpu" if gpu else "none"
+    out: dict[str, Any] = {"build": build,
+                           "packages": {k: v for k, v in (("onnxruntime", cpu),
+                                                          ("onnxruntime-gpu", gpu)) if v}}
+    if build == "both":
+        out["warning"] = (f"onnxruntime {cpu} and onnxruntime-gpu {gpu} are both installed: they "
+                          "install the same module and whichever came last wins; keep one: "
+                          + BOTH_BUILDS_FIX)
+    elif build == "none":
+        out["warning"] = "no onnxruntime build: ONNX models cannot run; " + NO_BUILD_FIX
+    return out
+
+
 def _missing(profile: DeviceProfile, facts: DeviceFacts) -> list[dict[str, str]]:
     packages = facts.runtimes.packages
     out: list[dict[str, str]] = []
@@ -109,12 +134,11 @@ def _missing(profile: DeviceProfile, facts: DeviceFacts) -> list[dict[str, str]]
         out.append({"package": what, "why": why, "hint": hint})
 
     if "onnxruntime" not in packages and "onnxruntime-gpu" not in packages:
-        need("onnxruntime", "runs ONNX models", "pip install edgeagent")
+        need("onnxruntime", "runs ONNX models (the core names no build: add one)", NO_BUILD_FIX)
     elif "onnxruntime" in packages and "onnxruntime-gpu" in packages:
         # Both install the same `onnxruntime` module; whichever was installed last wins.
-        need("onnxruntime-gpu alone", "onnxruntime and onnxruntime-gpu are both installed and "
-             "overwrite each other", "pip uninstall -y onnxruntime onnxruntime-gpu && "
-             "pip install 'edgeagent[gpu]'")
+        need("one onnxruntime build", "onnxruntime and onnxruntime-gpu are both installed and "
+             "overwrite each other", BOTH_BUILDS_FIX)
     if not (facts.runtimes.litert or facts.runtimes.tflite_runtime):
         need("ai-edge-litert", "runs TFLite models", "pip install 'edgeagent[litert]'")
     offered = facts.runtimes.ort_providers or ()
@@ -153,6 +177,9 @@ def format_probe_text(report: dict[str, Any]) -> str:
     runtimes = facts["runtimes"]
     ort = runtimes["ort_providers"]
     row("onnxruntime", ", ".join(ort) if ort is not None else "not importable")
+    build = report["onnxruntime_build"]
+    row("onnxruntime build", build["build"] + "".join(
+        f", {k} {v}" for k, v in build["packages"].items()))
     tflite = [n for n, ok in (("LiteRT", runtimes["litert"]),
                               ("tflite-runtime", runtimes["tflite_runtime"])) if ok]
     row("TFLite", ", ".join(tflite) or "not installed")
@@ -186,6 +213,8 @@ def format_probe_text(report: dict[str, Any]) -> str:
             where = f" v{m['version']}" if m["version"] is not None else ""
             lines.append(f"  {m['name']}{where}: {m['variant'] or 'unknown'}")
             lines.append(f"      {m['reason']}")
+    if "warning" in build:
+        lines += ["", f"WARNING: {build['warning']}"]
     lines += _model_lines(report.get("models") or [])
     if report["missing"]:
         lines += ["", "Missing"]

@@ -21,7 +21,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient.updater import Updater
 
-from edgeagent.errors import HubError, TransientError, VerificationError
+from edgeagent.errors import HubError, HubTransientError, TransientError, VerificationError
 from edgeagent.hub.bundle import Bundle, bundle_path, file_path, parse_bundle
 from edgeagent.hub.fetcher import HubFetcher, Progress
 
@@ -31,8 +31,10 @@ _BUNDLE = re.compile(r"^models/([A-Za-z0-9][A-Za-z0-9._-]*)/([1-9][0-9]*)/bundle
 _MAX_BUNDLE = 4 * 1024 * 1024
 
 
-class HubUnreachable(HubError, TransientError):
-    """The hub could not be reached (network, server error): retry later."""
+class HubUnreachable(HubTransientError):
+    """The hub could not be reached, or a transfer from it failed on the way (network, server
+    error, a stall, a deadline, a transfer that ended short): retry later. Never a verdict on a
+    release."""
 
 
 class MetadataExpired(VerificationError, TransientError):
@@ -117,6 +119,9 @@ class HubClient:
             raise VerificationError(f"{path}: {info.length} bytes is too large for a bundle")
         with _translated(self.url):
             data = self._fetcher.download_bytes(self.target_url(info), info.length)
+            if len(data) < info.length:  # cut short: nothing to verify yet
+                raise HubUnreachable(f"hub {self.url}: {path}: the transfer ended after "
+                                     f"{len(data)} of {info.length} bytes")
             info.verify_length_and_hashes(data)
         try:
             doc = json.loads(data)
@@ -143,15 +148,17 @@ class HubClient:
         length and hash.
 
         Raises:
-            HubUnreachable, VerificationError.
+            HubUnreachable: a transient failure (what arrived is kept for resuming).
+            VerificationError: the complete file does not match its signed hash, or the hub
+                sent more than its signed length.
         """
         info = self._target(file_path(name, version, file))
         try:
             self._fetcher.download(self.target_url(info), partial, info.length,
                                    info.hashes["sha256"], progress)
-        except VerificationError:
-            raise
-        except HubError as exc:
+        except HubTransientError as exc:
+            if isinstance(exc, HubUnreachable):
+                raise
             raise HubUnreachable(str(exc)) from exc
         return info
 

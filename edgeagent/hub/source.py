@@ -123,7 +123,7 @@ class HubSource:
         self.hub = hub
         self.store = ModelStore(state_dir / "hub", disk_usage)
         self.chooser = chooser
-        self._fetcher = fetcher or HubFetcher()
+        self._fetcher = fetcher or HubFetcher.from_section(hub)
         self.client = HubClient(hub.url, trusted_root_path(hub, base_dir),
                                 self.store.metadata_dir, self._fetcher)
         self._on_step = on_step
@@ -340,7 +340,9 @@ class HubSource:
         await self._run(self.store.recover)
 
     def close(self) -> None:
-        """Release the worker thread and the transfers."""
+        """Release the worker thread and the transfers (a transfer or retry wait in progress
+        is cancelled first, so shutting down never waits for a slow hub)."""
+        self._fetcher.cancel()
         self._pool.shutdown(wait=True)
         self._fetcher.close()
 

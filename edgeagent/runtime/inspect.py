@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 from edgeagent.errors import ModelError
+from edgeagent.runtime.onnxproto import read_graph_facts
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -34,20 +34,16 @@ def onnx_precision(path: Path) -> tuple[str, str]:
     """Guess an ONNX model's precision from its graph, with the reason.
 
     int8 when the graph holds quantisation operators, fp16 when its weights are float16,
-    fp32 otherwise. Needs the ``onnx`` package; without it the answer is fp32, said so.
-    """
-    if importlib.util.find_spec("onnx") is None:
-        return "fp32", "assumed: the onnx package is not installed to inspect the graph"
-    import onnx
+    fp32 otherwise. Reads the protobuf itself (:mod:`edgeagent.runtime.onnxproto`): the box
+    needs no ``onnx`` package.
 
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends from protobuf
-        raise ModelError(f"{path.name}: not a readable ONNX model: {exc}") from exc
-    ops = {node.op_type for node in model.graph.node}
-    quant = sorted(ops & _INT8_OPS)
+    Raises:
+        ModelError: the file is not a readable ONNX model.
+    """
+    facts = read_graph_facts(path)
+    quant = sorted(facts.op_types & _INT8_OPS)
     if quant:
         return "int8", f"graph has quantisation operators ({', '.join(quant[:3])})"
-    if any(t.data_type == _ONNX_FLOAT16 for t in model.graph.initializer):
+    if _ONNX_FLOAT16 in facts.initializer_types:
         return "fp16", "weights are float16"
     return "fp32", "float32 weights, no quantisation operators"

@@ -77,6 +77,12 @@ class OnnxModel(LoadedModel):
         del self._session
 
 
+#: Why ONNX models cannot run on a bare install, and what to add (the core names no build).
+ONNXRUNTIME_MISSING = "install edgeagent[cpu] or edgeagent[gpu]"
+INSTALL_HINT = ("pip install 'edgeagent[cpu]', or 'edgeagent[gpu]' on an NVIDIA box "
+                "(onnxruntime-gpu); never both")
+
+
 class OnnxBackend(Backend):
     """Loads ``.onnx`` models with onnxruntime, falling back along the plan's providers."""
 
@@ -87,9 +93,7 @@ class OnnxBackend(Backend):
         try:
             import onnxruntime
         except ImportError as exc:
-            raise BackendUnavailable(
-                "onnxruntime", str(exc), "pip install onnxruntime (or onnxruntime-gpu)"
-            ) from exc
+            raise BackendUnavailable("onnxruntime", ONNXRUNTIME_MISSING, INSTALL_HINT) from exc
         self._ort = onnxruntime
 
     def available_providers(self) -> list[str]:

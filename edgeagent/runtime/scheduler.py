@@ -1,11 +1,17 @@
 """Admission and scheduling of inference requests, per model: bounded queue, concurrency limit,
-statistics. Transport-free: the HTTP layer calls :meth:`InferenceScheduler.infer` with numpy
-arrays and maps :class:`Overloaded` to 503.
+priorities and deadlines, statistics. Transport-free: the HTTP and gRPC layers call
+:meth:`InferenceScheduler.infer` with numpy arrays and map :class:`Overloaded` to 503 (gRPC
+UNAVAILABLE).
+
+A request's ``priority`` (Triton's convention: 1 is the highest; 0, the default, ranks after
+every explicit priority) orders the model's queue; its ``timeout`` (microseconds) is a deadline
+for starting: a request still queued when it passes is answered with
+:class:`~edgeagent.errors.DeadlineExceeded` and never run. Neither affects a request that finds
+a free slot.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -15,8 +21,15 @@ from typing import Any
 import numpy as np
 
 from edgeagent.config import ModelSection
-from edgeagent.errors import ModelNotFound, ModelNotReady, Overloaded
-from edgeagent.runtime.batching import BatchQueue, RunInWorker, request_rows, unbatchable_reason
+from edgeagent.errors import DeadlineExceeded, ModelNotFound, ModelNotReady, Overloaded
+from edgeagent.runtime.batching import (
+    BatchQueue,
+    Gate,
+    RunInWorker,
+    priority_rank,
+    request_rows,
+    unbatchable_reason,
+)
 from edgeagent.runtime.manager import ModelManager, ModelVersion
 from edgeagent.runtime.stats import ModelStats
 
@@ -44,7 +57,7 @@ class _Lane:
     def __init__(self, limits: ModelLimits, stats: ModelStats, run_in_worker: RunInWorker) -> None:
         self.limits = limits
         self.stats = stats
-        self.running = asyncio.Semaphore(limits.max_concurrency)
+        self.running = Gate(limits.max_concurrency)
         self.waiting = 0
         self.batcher: BatchQueue | None = None
         if limits.max_batch_size > 0:
@@ -113,8 +126,8 @@ class InferenceScheduler:
                                              self._manager.run_in_worker)
         return lane
 
-    def _overloaded(self, lane: _Lane, name: str) -> Overloaded:
-        lane.stats.rejected += 1
+    def _overloaded(self, lane: _Lane, name: str, version: int | None = None) -> Overloaded:
+        lane.stats.reject(version)
         return Overloaded(
             f"model {name!r} has {lane.depth} requests queued (max_queue_size "
             f"{lane.limits.max_queue_size}); retry later",
@@ -123,19 +136,28 @@ class InferenceScheduler:
 
     async def infer(self, name: str, inputs: Mapping[str, np.ndarray],
                     output_names: Sequence[str] | None = None,
-                    version: int | None = None) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+                    version: int | None = None, *, priority: int = 0,
+                    timeout_us: int = 0) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         """Run one request on a model's active version, within its limits.
 
-        With ``max_batch_size`` > 0 on a batchable model, the request is validated, then queued
-        to share a run with concurrent ones (see :mod:`edgeagent.runtime.batching`); the outputs
-        are the rows it would get alone.
+        With ``max_batch_size`` > 0 on a batchable model busy with other requests, the request
+        is validated, then queued to share a run with others that arrive while it waits (see
+        :mod:`edgeagent.runtime.batching`); the outputs are the rows it would get alone. A
+        request to an idle model runs at once.
 
         Raises:
             Overloaded: the model's queue is full.
+            DeadlineExceeded: ``timeout_us`` passed while the request was queued.
             ModelNotFound, ModelNotReady, InferenceInputError, InferenceError: from the manager.
         """
         mv = self._manager.get(name, version)  # unknown / not ready: fail before queueing
         lane = self._lane(name)
+        deadline = time.perf_counter_ns() + timeout_us * 1000 if timeout_us else 0
+        if lane.batcher is not None and not lane.batcher and lane.running.free:
+            # Idle: run at once, by itself (the direct path may run a tiny model inline).
+            return await self._infer_alone(lane, name, inputs, output_names, version,
+                                           priority=priority, deadline_ns=deadline,
+                                           expected=mv.version)
         if lane.batcher is not None and self._batchable(lane, mv):
             mv.acquire()  # validated against this version, so run on it even if swapped meanwhile
             try:
@@ -145,11 +167,14 @@ class InferenceScheduler:
                 rows = request_rows(arrays)
                 if rows:  # inputs that disagree on their first dimension run alone, below
                     if lane.batcher.full:
-                        raise self._overloaded(lane, name)
-                    return mv, await lane.batcher.submit(mv, arrays, output_names, rows)
+                        raise self._overloaded(lane, name, mv.version)
+                    return mv, await lane.batcher.submit(mv, arrays, output_names, rows,
+                                                         priority=priority, deadline_ns=deadline)
             finally:
                 mv.release()
-        return await self._infer_alone(lane, name, inputs, output_names, version)
+        return await self._infer_alone(lane, name, inputs, output_names, version,
+                                       priority=priority, deadline_ns=deadline,
+                                       expected=mv.version)
 
     def _batchable(self, lane: _Lane, mv: ModelVersion) -> bool:
         why = unbatchable_reason(mv.model)
@@ -160,27 +185,35 @@ class InferenceScheduler:
         return not why
 
     async def _infer_alone(self, lane: _Lane, name: str, inputs: Mapping[str, np.ndarray],
-                           output_names: Sequence[str] | None,
-                           version: int | None) -> tuple[ModelVersion, dict[str, np.ndarray]]:
-        if lane.depth >= lane.limits.max_queue_size:
-            raise self._overloaded(lane, name)
+                           output_names: Sequence[str] | None, version: int | None, *,
+                           priority: int = 0, deadline_ns: int = 0, expected: int,
+                           ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+        # ``expected``: the version active on arrival, what a failure is counted against.
         arrived = time.perf_counter_ns()
-        lane.waiting += 1
-        try:
-            await lane.running.acquire()
-        finally:
-            lane.waiting -= 1
+        if not lane.running.try_acquire():
+            if lane.depth >= lane.limits.max_queue_size:
+                raise self._overloaded(lane, name, expected)
+            lane.waiting += 1
+            try:
+                await lane.running.acquire(priority_rank(priority), deadline_ns)
+            except DeadlineExceeded:
+                lane.stats.request_done(False, time.perf_counter_ns() - arrived, 0,
+                                        version=expected)
+                raise
+            finally:
+                lane.waiting -= 1
         started = time.perf_counter_ns()
         lane.stats.in_flight += 1
-        ok = False
+        ok, served = False, expected
         try:
             mv, outputs = await self._manager.infer(name, inputs, output_names, version)
-            ok = True
+            ok, served = True, mv.version
         finally:
             lane.running.release()
             lane.stats.in_flight -= 1
             done = time.perf_counter_ns()
             if ok:
-                lane.stats.execution_done(request_rows(inputs) or 1, done - started)
-            lane.stats.request_done(ok, done - arrived, started - arrived)
+                lane.stats.execution_done(request_rows(inputs) or 1, done - started,
+                                          version=served)
+            lane.stats.request_done(ok, done - arrived, started - arrived, version=served)
         return mv, outputs

@@ -57,8 +57,31 @@ class Histogram:
         return out
 
 
+@dataclass
+class VersionStats:
+    """Cumulative figures of one version of a model (the ``version`` label on ``/metrics``):
+    during a rollout, version 1 and version 2 are counted apart."""
+
+    success: int = 0
+    failure: int = 0
+    rejected: int = 0
+    executions: int = 0
+    latency: Histogram = field(default_factory=Histogram)
+    queue_time: Histogram = field(default_factory=Histogram)
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+
+
+#: Versions whose figures a model keeps (the oldest seen goes first): a box that took a hundred
+#: releases does not expose a hundred versions' series.
+MAX_VERSIONS = 4
+
+
 class ModelStats:
-    """Statistics of one model, updated by the scheduler from any thread."""
+    """Statistics of one model, updated by the scheduler from any thread.
+
+    The Triton-shaped totals cover every version; :attr:`versions` keeps the same figures per
+    version, for callers that say which version served (``version=``).
+    """
 
     def __init__(self, name: str, window: int = 4096) -> None:
         self.name = name
@@ -77,14 +100,46 @@ class ModelStats:
         self.batch_sizes: Counter[int] = Counter()
         self.batch_ns: Counter[int] = Counter()
         """Compute nanoseconds spent per batch size (Triton's ``batch_stats``)."""
+        self.batch_input_ns: Counter[int] = Counter()
+        self.batch_output_ns: Counter[int] = Counter()
         self.in_flight = 0
         self.rejected = 0
+        self.versions: dict[int, VersionStats] = {}
+        """Per version, for those requests whose version was given."""
         self._recent: deque[float] = deque(maxlen=window)
 
-    def request_done(self, ok: bool, total_ns: int, queue_ns: int) -> None:
-        """One request finished (successfully or not), ``total_ns`` after it arrived."""
+    def _version(self, version: int | None) -> VersionStats | None:
+        if version is None:
+            return None
+        vs = self.versions.get(version)
+        if vs is None:
+            vs = self.versions[version] = VersionStats()
+            while len(self.versions) > MAX_VERSIONS:
+                del self.versions[next(iter(self.versions))]
+        return vs
+
+    def reject(self, version: int | None = None) -> None:
+        """One request refused because the queue was full."""
+        with self.lock:
+            self.rejected += 1
+            vs = self._version(version)
+            if vs is not None:
+                vs.rejected += 1
+
+    def request_done(self, ok: bool, total_ns: int, queue_ns: int,
+                     version: int | None = None) -> None:
+        """One request finished (successfully or not), ``total_ns`` after it arrived, on
+        ``version`` (when the caller knows it)."""
         with self.lock:
             self.last_inference_ms = int(time.time() * 1000)
+            vs = self._version(version)
+            if vs is not None:
+                if ok:
+                    vs.success += 1
+                    vs.latency.observe(total_ns / 1e9)
+                    vs.queue_time.observe(queue_ns / 1e9)
+                else:
+                    vs.failure += 1
             if ok:
                 self.inference_count += 1
                 self.success.add(total_ns)
@@ -95,13 +150,29 @@ class ModelStats:
             else:
                 self.fail.add(total_ns)
 
-    def execution_done(self, batch_size: int, compute_ns: int, requests: int = 1) -> None:
-        """One run of the model (possibly several requests batched together)."""
+    def execution_done(self, batch_size: int, compute_ns: int, requests: int = 1, *,
+                       input_ns: int = 0, output_ns: int = 0,
+                       version: int | None = None) -> None:
+        """One run of the model (possibly several requests batched together), on ``version``
+        (when the caller knows it).
+
+        As Triton counts them, each of ``compute_input``, ``compute_infer`` and
+        ``compute_output`` counts every request of the run (Triton's tools check that the
+        three counts agree); ``input_ns`` is the batch's assembly, ``output_ns`` its split.
+        """
         with self.lock:
+            vs = self._version(version)
+            if vs is not None:
+                vs.executions += 1
+                vs.batch_sizes[batch_size] += 1
             self.execution_count += 1
+            self.compute_input.add(input_ns, requests)
             self.compute_infer.add(compute_ns, requests)
+            self.compute_output.add(output_ns, requests)
             self.batch_sizes[batch_size] += 1
             self.batch_ns[batch_size] += compute_ns
+            self.batch_input_ns[batch_size] += input_ns
+            self.batch_output_ns[batch_size] += output_ns
 
     def take_window(self) -> dict[str, float]:
         """Latency percentiles (ms) of the requests since the last call; resets the window."""
@@ -132,7 +203,10 @@ class ModelStats:
                     "compute_output": self.compute_output.to_dict(),
                 },
                 "batch_stats": [
-                    {"batch_size": size, "compute_infer": {"count": n, "ns": self.batch_ns[size]}}
+                    {"batch_size": size,
+                     "compute_input": {"count": n, "ns": self.batch_input_ns[size]},
+                     "compute_infer": {"count": n, "ns": self.batch_ns[size]},
+                     "compute_output": {"count": n, "ns": self.batch_output_ns[size]}}
                     for size, n in sorted(self.batch_sizes.items())
                 ],
             }

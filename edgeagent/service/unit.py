@@ -31,6 +31,19 @@ GPU_GROUPS = ("video", "render")
 #: Seconds systemd waits beyond the drain grace period before it kills the agent.
 STOP_MARGIN_S = 15
 WATCHDOG_SEC = 30
+#: The unit's Documentation= (the project's README, as pyproject's Documentation URL says).
+DOCS_URL = "https://github.com/edgeagent/edgeagent#readme"
+#: Where the hardened unit cannot see: PrivateTmp= gives it its own /tmp and /var/tmp,
+#: ProtectHome= hides /home, /root and /run/user.
+HIDDEN_DIRS: dict[str, str] = {
+    "/tmp": "PrivateTmp=yes", "/var/tmp": "PrivateTmp=yes",  # noqa: S108 - names, not files
+    "/home": "ProtectHome=yes", "/root": "ProtectHome=yes", "/run/user": "ProtectHome=yes",
+}
+#: What to do instead, in every refusal.
+INSTALL_FIX = ("install edgeagent into its own environment under /opt (sudo scripts/install.sh, "
+               "or: sudo python3 -m venv /opt/edgeagent && sudo /opt/edgeagent/bin/pip install "
+               "'edgeagent[cpu]') and run that one: sudo /opt/edgeagent/bin/edgeagent "
+               "install-service")
 
 
 def render_unit(exec_start: str, user: str = DEFAULT_USER,
@@ -52,6 +65,7 @@ def render_unit(exec_start: str, user: str = DEFAULT_USER,
 # (systemctl edit edgeagent), which survives re-running install-service.
 [Unit]
 Description=edgeagent edge inference runtime and device agent
+Documentation={DOCS_URL}
 Wants=network-online.target
 After=network-online.target
 
@@ -66,6 +80,8 @@ Restart=on-failure
 RestartSec=5
 # Exit status 2 is a bad configuration: restarting will not fix it.
 RestartPreventExitStatus=2
+# Open files: http.max_connections (4096) stays below this, with room for models and sockets.
+LimitNOFILE=65536
 # Pings stop when the event loop or an inference worker is stuck; systemd then restarts us.
 WatchdogSec={WATCHDOG_SEC}
 # Loading a model may build a TensorRT engine first, which takes minutes on small boards.
@@ -75,10 +91,12 @@ TimeoutStopSec={stop_timeout}
 
 User={user}
 Group={user}
-{supplementary}# /var/lib/edgeagent (state_dir), /etc/edgeagent (read-only), /run/edgeagent.
+{supplementary}# /var/lib/edgeagent (state_dir), /etc/edgeagent (read-only), /run/edgeagent, and
+# /var/cache/edgeagent for what can be rebuilt (TensorRT engines; systemctl clean --what=cache).
 StateDirectory=edgeagent
 ConfigurationDirectory=edgeagent
 RuntimeDirectory=edgeagent
+CacheDirectory=edgeagent
 UMask=0027
 
 # Hardening: the whole file system is read-only except the directories above.
@@ -97,7 +115,15 @@ RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
+# Other users' processes are invisible in /proc (the agent reads only its own and /proc/stat).
+ProtectProc=invisible
+# SysV IPC objects the service leaves are removed when it stops.
+RemoveIPC=yes
 SystemCallArchitectures=native
+# The system calls of an ordinary service (no mount, reboot, swap, module, clock, raw I/O,
+# ptrace); anything else fails with EPERM instead of killing the agent mid-inference.
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 CapabilityBoundingSet=
 AmbientCapabilities=
@@ -132,6 +158,10 @@ _HELP: dict[str, str] = {
     "mqtt.password_file": "File holding the broker password (keeps the secret out of this file).",
     "mqtt.telemetry_interval_s": "Seconds between telemetry messages.",
     "mqtt.reported_interval_s": "The reported state is re-published at least this often.",
+    "metrics.listen": "A listener of its own for GET /metrics (HOST:PORT or unix:PATH), so a "
+                      "remote Prometheus need not reach inference; empty = only on http.listen.",
+    "metrics.token_file": "Bearer token for it (>= 16 characters); empty = http.token_file. "
+                          "Beyond loopback one is required.",
 }
 
 _MODELS_EXAMPLE = """\
@@ -197,6 +227,62 @@ def existing_groups(group_file: Path, wanted: tuple[str, ...] = GPU_GROUPS) -> t
     except OSError:
         return ()
     return tuple(g for g in wanted if g in names)
+
+
+def _hidden_by(path: str) -> str | None:
+    """The hidden directory ``path`` lies under, or None."""
+    for top in HIDDEN_DIRS:
+        if path == top or path.startswith(top + "/"):
+            return top
+    return None
+
+
+def _interpreter(script: Path) -> str | None:
+    """The interpreter a ``#!`` script names (console scripts name their venv's python)."""
+    try:
+        with script.open("rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode("utf-8", "replace").split()
+    return parts[0] if parts else None
+
+
+def check_reachable(exec_start: str, *, live: bool, package_dir: Path | None = None) -> None:
+    """Refuse an ``ExecStart=`` the hardened unit could not run.
+
+    Args:
+        exec_start: The absolute ``edgeagent`` path the unit will name.
+        live: The unit is for this system (prefix ``/``): follow symlinks, and check the
+            interpreter the script names and where the package is installed too (a venv's
+            python is a link to the Python it was made from, which may live under /root).
+        package_dir: Where the ``edgeagent`` package of that executable is (live checks of
+            this environment; an editable install points into its source tree).
+
+    Raises:
+        EdgeAgentError: naming the path, the directive that hides it and the fix.
+    """
+    if not exec_start.startswith("/"):
+        raise EdgeAgentError(f"ExecStart= needs an absolute path, got {exec_start!r}")
+    checks = [("the edgeagent executable", exec_start)]
+    if live:
+        script = Path(exec_start)
+        checks.append(("the edgeagent executable", str(script.resolve())))
+        interpreter = _interpreter(script)
+        if interpreter:
+            checks += [("its Python interpreter", interpreter),
+                       ("its Python interpreter", str(Path(interpreter).resolve()))]
+        if package_dir is not None:
+            checks.append(("the edgeagent package", str(package_dir.resolve())))
+    for what, path in checks:
+        top = _hidden_by(path)
+        if top is not None:
+            raise EdgeAgentError(
+                f"{what} is {path}, under {top}, which the service cannot see "
+                f"({HIDDEN_DIRS[top]} in its hardened unit): the service would fail to start; "
+                + INSTALL_FIX)
 
 
 def edgeagent_executable() -> str:
@@ -281,7 +367,14 @@ def install_service(prefix: Path, user: str, dry_run: bool, out: IO[str],
     Raises:
         EdgeAgentError: a file cannot be written or the user cannot be created.
     """
-    plan = plan_install(prefix, user, exec_start or edgeagent_executable())
+    live = prefix == Path("/")
+    if exec_start is None:
+        exec_start = edgeagent_executable()
+        check_reachable(exec_start, live=live,
+                        package_dir=Path(__file__).resolve().parent.parent if live else None)
+    else:
+        check_reachable(exec_start, live=live)
+    plan = plan_install(prefix, user, exec_start)
     if dry_run:
         print(f"# would write {plan.unit_path}", file=out)
         print(plan.unit, file=out)

@@ -369,7 +369,15 @@ class MqttClient:
         self._post(self._puback, client, mid, reason)
 
     def _paho_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._post(self._inbox.put_nowait, Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        # The transport's boundary, on paho's thread: an exception here would end paho's
+        # network loop (and with it the connection), so nothing may escape.
+        try:
+            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception as exc:  # a topic that is not UTF-8 (a broker should refuse those)
+            log.warning("MQTT: dropped a message whose topic cannot be read (%s: %s)",
+                        type(exc).__name__, exc)
+            return
+        self._post(self._inbox.put_nowait, message)
 
     # ---- the same, on the event loop -------------------------------------------------------
 
@@ -450,6 +458,8 @@ class MqttClient:
         await fut
 
     async def _dispatch(self) -> None:
+        """Hand each message to its handlers, in order; the loop's boundary: a handler that
+        raises is logged once and delivery goes on (handlers answer their own messages)."""
         while True:
             msg = await self._inbox.get()
             for topic_filter, _qos, handler in list(self._handlers):
@@ -457,7 +467,8 @@ class MqttClient:
                     try:
                         await handler(msg)
                     except Exception:  # a bad handler must not stop message delivery
-                        log.exception("MQTT handler for %s failed on %s", topic_filter, msg.topic)
+                        log.exception("MQTT handler for %s failed on %s", topic_filter,
+                                      msg.topic[:200])
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

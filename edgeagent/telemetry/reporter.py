@@ -88,6 +88,12 @@ class ModelFigures:
         return out
 
 
+#: Shortest interval between two builds of the reported state, unless forced: a flood of
+#: commands (each of which asks for it) then costs one build per interval, not one per command,
+#: and the last state asked for is still the one published, at most this much later.
+REPORTED_MIN_INTERVAL_S = 0.2
+
+
 class Reporter:
     """Sends telemetry every interval (through the spool), presence and reported state.
 
@@ -120,6 +126,9 @@ class Reporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_reported: bytes = b""
         self._reported_lock = asyncio.Lock()
+        self._reported_at = -REPORTED_MIN_INTERVAL_S  # loop time of the last build
+        self._deferred: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()  # one sender at a time keeps seq order, no repeats
         self.reannounce_s = reannounce_s
         self._announced = time.monotonic()
@@ -144,7 +153,10 @@ class Reporter:
                 await asyncio.wait_for(self.client.publish(
                     self.topics.status, presence("stopped", self.version, self.topics.device_id),
                     retain=True), drain_s)
-        for task in self._tasks[1:]:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        for task in [*self._tasks[1:], *self._background]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -162,10 +174,22 @@ class Reporter:
         self._wake.set()
 
     async def publish_reported(self, force: bool = False) -> None:
-        """Publish the reported state (retained) if it changed since last published."""
+        """Publish the reported state (retained) if it changed since last published.
+
+        Unless ``force``, a call within :data:`REPORTED_MIN_INTERVAL_S` of the last build
+        returns at once and leaves one deferred publish (of the state as it is then).
+        """
         if self.client is None or not self.client.connected:
             return
+        if not force:
+            loop = asyncio.get_running_loop()
+            wait = self._reported_at + REPORTED_MIN_INTERVAL_S - loop.time()
+            if wait > 0:
+                if self._deferred is None:
+                    self._deferred = loop.call_later(wait, self._publish_deferred)
+                return
         async with self._reported_lock:
+            self._reported_at = asyncio.get_running_loop().time()
             doc = self._reported()
             body = dumps(doc)
             if body == self._last_reported and not force:
@@ -174,6 +198,20 @@ class Reporter:
                                       retain=True)
             self._last_reported = body
             self._announced = time.monotonic()
+
+    def _publish_deferred(self) -> None:
+        self._deferred = None
+        task = asyncio.ensure_future(self._publish_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish_quietly(self) -> None:
+        try:
+            await self.publish_reported()
+        except BrokerError as exc:
+            log.debug("reported state not sent: %s", exc)
+        except Exception:  # a bug in building the state: logged, the next call tries again
+            log.exception("reported state not published")
 
     async def snapshot(self) -> int:
         """Build one telemetry message and put it in the spool; return its seq."""

@@ -22,6 +22,7 @@ __all__ = ["AgentThread", "free_port"]  # the API tests import them from here
 TOKEN = "api-test-token-0123456789abcdef"  # noqa: S105 - a test token
 MAX_REQUEST_BYTES = 1 << 20
 MAX_TENSOR_ELEMENTS = 100_000
+MAX_BYTES_ELEMENTS = 20_000
 
 
 def make_models(folder: Path) -> list[dict[str, Any]]:
@@ -39,7 +40,8 @@ def make_config(tmp: Path, *, token: bool = True, **http: Any) -> AgentConfig:
     """A configuration serving :func:`make_models` on a free loopback port."""
     section: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}",
                                "max_request_bytes": MAX_REQUEST_BYTES,
-                               "max_tensor_elements": MAX_TENSOR_ELEMENTS, **http}
+                               "max_tensor_elements": MAX_TENSOR_ELEMENTS,
+                               "max_bytes_elements": MAX_BYTES_ELEMENTS, **http}
     if token:
         token_file = tmp / "token"
         token_file.write_text(TOKEN + "\n")

@@ -118,14 +118,14 @@ def test_metrics(http: httpx.Client) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for line in ('edgeagent_inference_requests_total{model="mlp"}',
-                 'edgeagent_inference_latency_seconds_bucket{le="+Inf",model="mlp"}',
-                 'edgeagent_inference_queue_seconds_count{model="mlp"}',
-                 'edgeagent_inference_batch_size_bucket{le="1",model="mlp"}',
-                 'edgeagent_inference_in_flight{model="mlp"}',
-                 'edgeagent_inference_queue_depth{model="mlp"}',
-                 'edgeagent_inference_rejected_total{model="mlp"}',
-                 'edgeagent_model_ready{model="mlp"} 1.0',
+    for line in ('edgeagent_inference_requests_total{model="mlp",outcome="success",version="1"}',
+                 'edgeagent_inference_latency_seconds_bucket{le="+Inf",model="mlp",version="1"}',
+                 'edgeagent_inference_queue_seconds_count{model="mlp",version="1"}',
+                 'edgeagent_inference_batch_size_bucket{le="1",model="mlp",version="1"}',
+                 'edgeagent_inference_in_flight{model="mlp",version="1"}',
+                 'edgeagent_inference_queue_depth{model="mlp",version="1"}',
+                 'edgeagent_inference_rejected_total{model="mlp",version="1"}',
+                 'edgeagent_model_ready{model="mlp",version="1"} 1.0',
                  "process_resident_memory_bytes", "process_cpu_seconds_total"):
         assert line in text, line
 
@@ -166,7 +166,16 @@ def test_agent_status(http: httpx.Client) -> None:
     ({"inputs": [_x()], "id": 7}, ["'id' must be a string"]),
     ({"inputs": [_x()], "parameters": {"binary_data_output": "yes"}}, ["true or false"]),
     ({"inputs": [_x(parameters={"binary_data_size": 256})]}, ["both 'data' and"]),
-    ({"inputs": [_x(parameters={"shared_memory_region": "r"})]}, ["shared memory"]),
+    ({"inputs": [_x(parameters={"shared_memory_region": "r"})]}, ["shared_memory_byte_size"]),
+    ({"inputs": [_x(data=None, parameters={"shared_memory_region": "r",
+                                           "shared_memory_byte_size": 256})]},
+     ["shared memory and also in the request"]),
+    ({"inputs": [_x()], "parameters": {"sequence_id": 7}}, ["sequence_id", "no sequence"]),
+    ({"inputs": [_x()], "parameters": {"sequence_start": True}}, ["sequence_start"]),
+    ({"inputs": [_x()], "parameters": {"priority": -1}}, ["'priority'", "non-negative"]),
+    ({"inputs": [_x()], "parameters": {"timeout": "soon"}}, ["'timeout'", "microseconds"]),
+    ({"inputs": [_x()], "outputs": [{"name": "logits", "parameters": {"classification": 3}}]},
+     ["classification extension (class_count)"]),
 ])
 def test_malformed_json_request(http: httpx.Client, body: Any, words: list[str]) -> None:
     _error(_mlp_request(http, body), 400, *words)
@@ -186,7 +195,7 @@ def _binary_mlp(size: int, data: bytes, header_length: str | None = None) -> htt
     (252, b"\0" * 252, None, ["252 bytes of binary data", "takes 256"]),
     (-1, b"\0" * 256, None, ["non-negative integer"]),
     (256, b"\0" * 256, "-5", ["Inference-Header-Content-Length is -5"]),
-    (256, b"\0" * 256, "0", ["Inference-Header-Content-Length is 0"]),
+    (256, b"\0" * 256, "0", ["raw binary request", "takes a multiple of 256 bytes"]),
     (256, b"\0" * 256, "999999", ["Inference-Header-Content-Length is 999999"]),
     (256, b"\0" * 256, "ten", ["must be an integer"]),
     (256, b"\0" * 256, "3", ["not valid JSON"]),

@@ -79,15 +79,37 @@ def test_probe_flags_both_onnxruntime_builds(tmp_path: Path) -> None:
     runtimes = RuntimeFacts(ORT_GPU, litert=True,
                             packages={"onnxruntime": "1.20.0", "onnxruntime-gpu": "1.20.0"})
     report = probe_report(BOARDS["x86-cpu"].build(tmp_path), None, tmp_path, runtimes=runtimes)
-    assert [m["package"] for m in report["missing"]] == ["onnxruntime-gpu alone"]
+    assert [m["package"] for m in report["missing"]] == ["one onnxruntime build"]
+    build = report["onnxruntime_build"]
+    assert build["build"] == "both"
+    assert build["packages"] == {"onnxruntime": "1.20.0", "onnxruntime-gpu": "1.20.0"}
+    assert "both installed" in build["warning"] and "pip uninstall -y" in build["warning"]
+    text = format_probe_text(report)
+    assert "  onnxruntime build  both, onnxruntime 1.20.0, onnxruntime-gpu 1.20.0\n" in text
+    assert "\nWARNING: onnxruntime 1.20.0 and onnxruntime-gpu 1.20.0 are both installed" in text
+
+
+@pytest.mark.parametrize(("packages", "build"), [
+    ({"onnxruntime": "1.20.0"}, "cpu"), ({"onnxruntime-gpu": "1.20.0"}, "gpu")])
+def test_probe_names_the_onnxruntime_build(tmp_path: Path, packages: dict[str, str],
+                                           build: str) -> None:
+    report = probe_report(BOARDS["x86-cpu"].build(tmp_path), None, tmp_path,
+                          runtimes=RuntimeFacts(ORT_CPU, litert=True, packages=packages))
+    assert report["onnxruntime_build"] == {"build": build, "packages": packages}
+    assert "WARNING" not in format_probe_text(report)
 
 
 def test_probe_without_onnxruntime(tmp_path: Path) -> None:
     report = probe_report(BOARDS["pi4"].build(tmp_path), None, tmp_path,
                           runtimes=RuntimeFacts(None, litert=True))
     assert report["missing"] == [
-        {"package": "onnxruntime", "why": "runs ONNX models", "hint": "pip install edgeagent"}]
-    assert "  onnxruntime        not importable\n" in format_probe_text(report)
+        {"package": "onnxruntime", "why": "runs ONNX models (the core names no build: add one)",
+         "hint": "pip install 'edgeagent[cpu]' (or 'edgeagent[gpu]' on an NVIDIA box)"}]
+    assert report["onnxruntime_build"]["build"] == "none"
+    text = format_probe_text(report)
+    assert "  onnxruntime        not importable\n" in text
+    assert "  onnxruntime build  none\n" in text
+    assert "WARNING: no onnxruntime build: ONNX models cannot run" in text
 
 
 def test_probe_forced_and_operator_profiles(tmp_path: Path) -> None:

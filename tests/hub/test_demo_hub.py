@@ -40,6 +40,13 @@ def test_embedded_defaults_serve_the_demo_from_a_local_hub(tmp_path: Path) -> No
         (model,) = status["models"]
         assert (model["active"], model["source"]) == (1, "config: latest")
         assert model["variant"].startswith("demo.onnx")
+        metrics = httpx.get(f"{agent.url}/metrics", timeout=30).text
+        assert "edgeagent_hub_up 1.0" in metrics
+        assert 'edgeagent_hub_sync_state{state="ok"} 1.0' in metrics
+        assert "edgeagent_hub_last_sync_timestamp_seconds " in metrics
+        assert ('edgeagent_model_info{format="onnx",model="demo",precision="fp32",'
+                f'provider="CPUExecutionProvider",variant="{model["variant"]}",version="1"}} 1.0'
+                in metrics)
     finally:
         agent.stop()
     hub_dir, keys_dir = state / DEMO_HUB, state / DEMO_KEYS
@@ -66,3 +73,23 @@ def test_interrupted_demo_hub_is_made_again(tmp_path: Path) -> None:
     assert (state / DEMO_HUB / "metadata/timestamp.json").is_file()
     assert not (state / ".demo-hub.tmp").exists()
     assert (state / DEMO_KEYS / "root.pem").read_text() != "stale"
+
+
+def test_shipped_demo_model_is_the_documented_classifier() -> None:
+    """``edgeagent/demo.onnx`` holds WEIGHTS and BIAS and answers what demo_outputs says; the box
+    reads it as a file (no onnx package needed to make it)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgeagent.demo import BIAS, WEIGHTS, demo_model
+
+    model = onnx.load_from_string(demo_model())
+    onnx.checker.check_model(model)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(weights["W"], WEIGHTS)
+    np.testing.assert_array_equal(weights["B"], BIAS)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Softmax"]
+    session = ort.InferenceSession(demo_model(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"input": X})
+    np.testing.assert_allclose(out, demo_outputs(X), atol=1e-6)

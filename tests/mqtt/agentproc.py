@@ -24,6 +24,7 @@ def start_agent(work: Path, device_id: str, broker_url: str, *, mqtt: str = "",
         f'[agent]\nstate_dir = "{work / "state"}"\ndevice_id = "{device_id}"\n'
         f"tags = {json.dumps(list(tags))}\n"
         f'[http]\nlisten = "127.0.0.1:{port}"\n'
+        '[grpc]\nlisten = ""\n'  # off: tests run side by side, never on the default port
         f'[mqtt]\nurl = "{broker_url}"\n{mqtt}\n'
         + (f"[hub]\n{hub}\n" if hub else "") + models)
     proc = AgentProcess(config, {}, work / "agent.log")

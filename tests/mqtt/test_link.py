@@ -214,6 +214,10 @@ def test_bad_desired_state_is_refused_and_changes_nothing(tmp_path: Path, broker
         (json.dumps({"revision": 6, "models": {"mlp": {"version": 2}},
                      "pad": "x" * 70_000}).encode(), "exceeds"),
         (b"[1, 2]", "expected a JSON object"),
+        (b"[" * 5000 + b"]" * 5000, "not valid JSON"),
+        (b'{"revision": ' + b"9" * 5000 + b', "models": {}}', "not valid JSON"),
+        (b'{"revision": 1, "models": {"mlp": {"version": ' + b"7" * 30 + b"}}}",
+         "not valid JSON"),
     ]
 
     async def go() -> None:

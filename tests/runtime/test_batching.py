@@ -1,8 +1,8 @@
 """Dynamic batching with real onnxruntime models: callers get exactly their own rows.
 
-Batches are made deterministic by the limits rather than by timing: with a long
-``max_queue_delay_ms`` a batch starts only when its rows reach ``max_batch_size`` (or the next
-request does not fit), so the tests know which requests share a run.
+A request to an idle model runs at once; requests that arrive while every concurrency slot is
+busy form the next batch. The tests make batches deterministic by holding every slot
+(:func:`queued`) until the requests are queued, so they know which requests share a run.
 
 onnxruntime's CPU GEMM gave bit-identical rows for every batch size measured here (1 to 64
 rows of the test MLP, 1 and 2 threads: max difference 0 ULP), so outputs are compared exactly.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -27,8 +28,26 @@ from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 from tests import onnx_models
 from tests.runtime.test_manager import GatedBackend, cpu_planner, gated_file
 
+T = TypeVar("T")
+
 LONG_MS = 60_000.0
-"""A queue delay no test waits for: batches in these tests start because they are full."""
+"""A queue delay no request waits for: the collector never waits to fill a batch."""
+
+
+async def queued(sched: InferenceScheduler, calls: Sequence[Awaitable[T]],
+                 name: str = "m") -> list[T | BaseException]:
+    """Run ``calls`` with every concurrency slot of the model held until all of them are
+    queued, so they form batches in queue order (the results, or their exceptions)."""
+    lane = sched._lane(name)
+    slots = lane.limits.max_concurrency
+    for _ in range(slots):
+        await lane.running.acquire()
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    while sched.queue_depth(name) < len(tasks) and not any(t.done() for t in tasks):
+        await asyncio.sleep(0)
+    for _ in range(slots):
+        lane.running.release()
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serving(path: Path, limits: ModelLimits, name: str = "m",
@@ -63,7 +82,7 @@ def test_concurrent_callers_get_exactly_their_rows(tmp_path: Path) -> None:
 
     async def go() -> None:
         mgr, sched = await serving(path, ModelLimits(max_batch_size=24, max_queue_delay_ms=LONG_MS))
-        results = await asyncio.gather(*(sched.infer("m", r) for r in requests))
+        results: list[Any] = await queued(sched, [sched.infer("m", r) for r in requests])
         for req, (mv, out) in zip(requests, results, strict=False):
             assert mv.version == 1
             assert out["logits"].shape == (req["input"].shape[0], 10)
@@ -91,7 +110,7 @@ def test_batches_never_exceed_max_batch_size_and_keep_arrival_order(tmp_path: Pa
     async def go() -> None:
         mgr, sched = await serving(
             path, ModelLimits(max_batch_size=8, max_queue_delay_ms=LONG_MS, max_concurrency=1))
-        results = await asyncio.gather(*(sched.infer("m", r) for r in requests))
+        results: list[Any] = await queued(sched, [sched.infer("m", r) for r in requests])
         for req, (_, out) in zip(requests, results, strict=False):
             np.testing.assert_array_equal(out["logits"], alone(mgr, req)["logits"])
         stats = sched.stats("m")
@@ -109,8 +128,8 @@ def test_request_larger_than_max_batch_size_runs_alone(tmp_path: Path) -> None:
 
     async def go() -> None:
         mgr, sched = await serving(path, ModelLimits(max_batch_size=4, max_queue_delay_ms=0))
-        (_, out_big), (_, out_small) = await asyncio.gather(sched.infer("m", big),
-                                                            sched.infer("m", small))
+        results: list[Any] = await queued(sched, [sched.infer("m", big), sched.infer("m", small)])
+        (_, out_big), (_, out_small) = results
         np.testing.assert_array_equal(out_big["logits"], alone(mgr, big)["logits"])
         np.testing.assert_array_equal(out_small["logits"], alone(mgr, small)["logits"])
         assert sched.stats("m").batch_sizes[10] == 1  # never merged with the 2-row request
@@ -134,7 +153,7 @@ def test_only_requests_asking_the_same_outputs_share_a_run(tmp_path: Path) -> No
 
     async def go() -> None:
         mgr, sched = await serving(path, ModelLimits(max_batch_size=3, max_queue_delay_ms=LONG_MS))
-        results = await asyncio.gather(*(sched.infer("m", r, outs) for r, outs in plan))
+        results: list[Any] = await queued(sched, [sched.infer("m", r, outs) for r, outs in plan])
         for (req, outs), (_, got) in zip(plan, results, strict=False):
             want = alone(mgr, req, outs)
             assert sorted(got) == sorted(want)
@@ -156,14 +175,14 @@ def test_a_failing_batch_fails_each_of_its_requests_and_only_them(tmp_path: Path
     async def go() -> None:
         mgr, sched = await serving(path, ModelLimits(max_batch_size=3, max_queue_delay_ms=LONG_MS))
         # 9 is out of the table: valid to the signature, fails inside onnxruntime.
-        results = await asyncio.gather(sched.infer("m", idx(0)), sched.infer("m", idx(9)),
-                                       sched.infer("m", idx(1)), return_exceptions=True)
+        results = await queued(sched, [sched.infer("m", idx(0)), sched.infer("m", idx(9)),
+                                       sched.infer("m", idx(1))])
         assert all(isinstance(r, InferenceError) for r in results), results
         assert "out of data bounds" in str(results[0])
         # A malformed request is refused before it joins a batch: it cannot fail the others.
         good = [sched.infer("m", idx(i)) for i in (0, 1, 2)]
         bad = sched.infer("m", {"idx": np.array([0], np.float32)})
-        *answers, refused = await asyncio.gather(*good, bad, return_exceptions=True)
+        *answers, refused = await queued(sched, [*good, bad])
         assert isinstance(refused, InferenceInputError)
         assert "datatype FP32 does not match the model's INT64" in str(refused)
         for i, (_, out) in enumerate(answers):
@@ -182,8 +201,7 @@ def test_an_output_that_is_not_per_row_fails_the_batch_clearly(tmp_path: Path) -
     async def go() -> None:
         mgr, sched = await serving(path, ModelLimits(max_batch_size=2, max_queue_delay_ms=LONG_MS))
         one = {"x": np.ones(1, np.float32)}
-        results = await asyncio.gather(sched.infer("m", one), sched.infer("m", one),
-                                       return_exceptions=True)
+        results = await queued(sched, [sched.infer("m", one), sched.infer("m", one)])
         assert all(isinstance(r, InferenceError) for r in results), results
         assert "cannot be split between the batched requests" in str(results[0])
         await finish(mgr)
@@ -292,22 +310,30 @@ def test_swap_mid_stream_answers_each_request_from_one_whole_version(tmp_path: P
         # Sessions of their own: the manager closes v1's once v2 replaces it.
         ref1, ref2 = (OnnxBackend().load(p, cpu_planner("onnx", "fp32", "")) for p in (v1, v2))
 
+        loaded = asyncio.Event()
+
         async def stream() -> list[tuple[int, np.ndarray]]:
-            answers = []
-            for wave in range(0, len(requests), 8):
-                got = await asyncio.gather(*(sched.infer("m", r)
-                                             for r in requests[wave:wave + 8]))
+            # Waves until the swap is done, then one more (however long the load takes).
+            answers: list[tuple[int, np.ndarray]] = []
+            wave, after = 0, 0
+            while after < 2:
+                batch = [requests[(wave + i) % len(requests)] for i in range(8)]
+                got = await asyncio.gather(*(sched.infer("m", r) for r in batch))
                 answers += [(mv.version, out["logits"]) for mv, out in got]
+                wave += 8
+                after += loaded.is_set()
             return answers
 
         streaming = asyncio.create_task(stream())
         await asyncio.sleep(0)
         await mgr.load("m", ModelSource(v2, version=2, precision="fp32"))
+        loaded.set()
         answers = await streaming
         versions = {v for v, _ in answers}
         assert versions <= {1, 2}
         assert answers[-1][0] == 2
-        for req, (version, logits) in zip(requests, answers, strict=False):
+        sent = [requests[i % len(requests)] for i in range(len(answers))]
+        for req, (version, logits) in zip(sent, answers, strict=True):
             ref = ref1 if version == 1 else ref2
             np.testing.assert_array_equal(logits, ref.run(req)["logits"])
         await finish(mgr)

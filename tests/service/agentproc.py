@@ -75,7 +75,8 @@ def count(messages: list[str], line: str) -> int:
 def write_config(path: Path, state_dir: Path, port: int, models: dict[str, Path],
                  extra: str = "") -> Path:
     lines = [f'[agent]\nstate_dir = "{state_dir}"\n{extra}',
-             f'[http]\nlisten = "127.0.0.1:{port}"']
+             f'[http]\nlisten = "127.0.0.1:{port}"',
+             '[grpc]\nlisten = ""']  # off: tests run side by side, never on the default port
     for name, model in models.items():
         lines.append(f'[[models]]\nname = "{name}"\npath = "{model}"')
     path.write_text("\n\n".join(lines) + "\n")

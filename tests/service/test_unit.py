@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -12,11 +13,26 @@ import pytest
 
 from edgeagent.cli import main
 from edgeagent.config import AgentConfig, load_config
-from edgeagent.errors import ConfigError
-from edgeagent.service.unit import existing_groups, install_service, render_config, render_unit
+from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.service.unit import (
+    DOCS_URL,
+    check_reachable,
+    existing_groups,
+    install_service,
+    render_config,
+    render_unit,
+)
 
-#: The real console script of this environment: systemd-analyze checks that ExecStart exists.
-EXECUTABLE = Path(sys.executable).parent / "edgeagent"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: Where the installer puts the agent (any path the hardened unit can reach).
+EXECUTABLE = Path("/opt/edgeagent/bin/edgeagent")
+#: An executable that exists on every test box, outside /tmp and /home: systemd-analyze verify
+#: checks that ExecStart exists (a checkout's own venv may sit under /home, which the unit hides).
+EXISTING = Path(shutil.which("true") or "/bin/true")
 
 
 def _directives(unit: str) -> dict[str, str]:
@@ -46,6 +62,75 @@ def test_unit_directives() -> None:
     assert d["PrivateDevices"] == "no"
     assert "MemoryDenyWriteExecute" not in d
     assert "ProtectClock" not in d
+    assert d["SystemCallFilter"] == "@system-service"
+    assert d["SystemCallErrorNumber"] == "EPERM"
+    assert d["ProtectProc"] == "invisible"
+    assert d["RemoveIPC"] == "yes"
+    assert d["CacheDirectory"] == "edgeagent"
+    assert d["Documentation"].startswith("https://")
+    assert d["LimitNOFILE"] == "65536"  # the connection cap stays below it
+
+
+def test_documentation_is_the_projects() -> None:
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["urls"]["Documentation"] == DOCS_URL
+
+
+@pytest.mark.parametrize(("exec_start", "hidden", "directive"), [
+    ("/tmp/venv/bin/edgeagent", "/tmp", "PrivateTmp=yes"),
+    ("/var/tmp/e/bin/edgeagent", "/var/tmp", "PrivateTmp=yes"),
+    ("/home/pi/.venv/bin/edgeagent", "/home", "ProtectHome=yes"),
+    ("/root/.local/bin/edgeagent", "/root", "ProtectHome=yes"),
+    ("/run/user/1000/edgeagent", "/run/user", "ProtectHome=yes"),
+])
+def test_install_service_refuses_what_the_unit_cannot_reach(
+        tmp_path: Path, exec_start: str, hidden: str, directive: str) -> None:
+    for prefix in (tmp_path, Path("/")):  # "/" with dry_run: refused before anything is read
+        with pytest.raises(EdgeAgentError) as info:
+            install_service(prefix, "edgeagent", prefix == Path("/"), io.StringIO(), exec_start)
+        text = str(info.value)
+        assert f"the edgeagent executable is {exec_start}, under {hidden}" in text
+        assert directive in text and "/opt/edgeagent" in text and "scripts/install.sh" in text
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_reachability_follows_links_and_the_interpreter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the live system a script outside the hidden directories can still need one: its
+    symlink target, the python its #! names (a venv's python links to the Python it was made
+    from), or the package of an editable install."""
+    home = tmp_path / "home"
+    monkeypatch.setattr("edgeagent.service.unit.HIDDEN_DIRS", {str(home): "ProtectHome=yes"})
+    (home / "pi/bin").mkdir(parents=True)
+    opt = tmp_path / "opt/bin"
+    opt.mkdir(parents=True)
+    fine = opt / "edgeagent"
+    fine.write_text(f"#!{opt / 'python'}\n")
+    check_reachable(str(fine), live=True)
+    linked = opt / "linked"
+    linked.symlink_to(home / "pi/bin/edgeagent")
+    with pytest.raises(EdgeAgentError,
+                       match=r"the edgeagent executable is .*/home/pi/bin/edgeagent"):
+        check_reachable(str(linked), live=True)
+    check_reachable(str(linked), live=False)  # under a prefix: the path as written
+    python = home / "pi/python3.12"
+    python.write_text("")
+    (opt / "python").symlink_to(python)
+    with pytest.raises(EdgeAgentError, match=r"its Python interpreter is .*/home/pi/python3\.12"):
+        check_reachable(str(fine), live=True)
+    (opt / "python").unlink()
+    with pytest.raises(EdgeAgentError, match=r"the edgeagent package is .*/home/pi"):
+        check_reachable(str(fine), live=True, package_dir=home / "pi")
+
+
+def test_cli_names_the_fix(monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("edgeagent.service.unit.edgeagent_executable",
+                        lambda: "/home/me/src/edgeagent/.venv/bin/edgeagent")
+    assert main(["install-service", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "under /home, which the service cannot see (ProtectHome=yes" in err
+    assert "sudo /opt/edgeagent/bin/edgeagent install-service" in err
 
 
 def test_no_groups_no_line() -> None:
@@ -114,10 +199,24 @@ def test_invalid_existing_config_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed here")
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    assert EXECUTABLE.is_file(), "the package's console script is not installed in this venv"
-    install_service(tmp_path, "edgeagent", False, io.StringIO(), str(EXECUTABLE))
+    install_service(tmp_path, "edgeagent", False, io.StringIO(), str(EXISTING))
     unit = tmp_path / "etc/systemd/system/edgeagent.service"
     result = subprocess.run(["systemd-analyze", "verify", str(unit)],  # on PATH
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr  # unknown keys are only warned about
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed here")
+def test_unit_exposure_stays_below_what_it_was(tmp_path: Path) -> None:
+    """`systemd-analyze security` scored the unit 3.7 before issue 15; it must stay lower."""
+    install_service(tmp_path, "edgeagent", False, io.StringIO(), str(EXISTING))
+    unit = tmp_path / "etc/systemd/system/edgeagent.service"
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    if "--offline" in result.stderr:
+        pytest.skip("this systemd-analyze cannot score a unit file offline (systemd < 250)")
+    match = re.search(r"Overall exposure level for edgeagent\.service: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) < 3.7

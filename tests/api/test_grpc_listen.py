@@ -1,0 +1,108 @@
+"""Where the gRPC listener listens, what its token rules are, and that turning it off keeps
+grpcio out of the process."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from edgeagent.app import Agent
+from edgeagent.config import GrpcSection, parse_config
+from edgeagent.errors import ConfigError, EdgeAgentError
+from tests.api.conftest import AgentThread, make_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_non_loopback_grpc_without_a_token_is_refused(tmp_path: Path) -> None:
+    config = parse_config({"agent": {"state_dir": str(tmp_path)},
+                           "grpc": {"listen": "0.0.0.0:8001"}})
+    with pytest.raises(ConfigError, match=r"grpc\.listen.*token_file|token_file"):
+        Agent(config)
+
+
+@pytest.mark.parametrize(("listen", "words"), [
+    ("8001", "HOST:PORT (127.0.0.1:8001)"), ("unix:", "socket path"),
+    ("example.com:8001", "not an IP address")])
+def test_bad_grpc_listen_is_a_config_error(listen: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=r"grpc\.listen") as info:
+        parse_config({"grpc": {"listen": listen}})
+    assert words in str(info.value)
+
+
+def test_grpc_off_never_imports_grpcio(tmp_path: Path) -> None:
+    """``grpc.listen = ""``: the agent serves HTTP and never loads grpcio or the stubs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"""
+import asyncio, sys
+from edgeagent.app import Agent
+from edgeagent.config import parse_config
+config = parse_config({{"agent": {{"state_dir": {str(tmp_path / "state")!r}}},
+                        "http": {{"listen": "127.0.0.1:{port}"}}, "grpc": {{"listen": ""}}}})
+async def main():
+    agent = Agent(config)
+    await agent.start()
+    await agent.stop()
+asyncio.run(main())
+print(",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {{"grpc", "tritonclient"}})))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip().splitlines()[-1:] in ([], [""]), out.stdout
+
+
+def test_grpc_on_a_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "run" / "grpc.sock"
+    config = make_config(tmp_path, token=False)
+    config = dataclasses.replace(config, grpc=GrpcSection(listen=f"unix:{sock}"))
+    running = AgentThread(config).start()
+    try:
+        assert sock.stat().st_mode & 0o777 == 0o660
+        with tc.InferenceServerClient(f"unix:{sock}") as client:
+            assert client.is_server_ready()
+            assert client.get_server_metadata().name == "edgeagent"
+            # No token configured: repository changes are refused outright, as over HTTP.
+            with pytest.raises(InferenceServerException, match="token_file") as info:
+                client.unload_model("mlp")
+            assert "PERMISSION_DENIED" in str(info.value.status())
+            assert client.is_model_ready("mlp")
+    finally:
+        running.stop()
+
+
+def test_grpc_port_in_use_fails_start_up(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = dataclasses.replace(make_config(tmp_path),
+                                     grpc=GrpcSection(listen=f"127.0.0.1:{port}"))
+        with pytest.raises(EdgeAgentError, match=f"cannot listen on 127.0.0.1:{port} for gRPC"):
+            AgentThread(config).start()
+
+
+def test_draining_agent_answers_not_ready(tmp_path: Path) -> None:
+    running = AgentThread(make_config(tmp_path, token=False)).start()
+    try:
+        with grpc.insecure_channel(running.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(service_pb2.ServerReadyRequest()).ready
+            running.agent._draining = True  # what stop() sets first
+            assert not stub.ServerReady(service_pb2.ServerReadyRequest()).ready
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(service_pb2.ModelInferRequest(model_name="mlp"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            running.agent._draining = False
+    finally:
+        running.stop()
