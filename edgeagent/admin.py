@@ -1,4 +1,4 @@
-"""The operator's commands on the box: ``edgeagent pull``, ``rollback`` and ``models``.
+"""The operator's commands on the box: ``edgeagent pull``, ``rollback``, ``models``, ``tune``.
 
 While the agent runs, each command asks it over the local admin channel (a Unix socket whose
 permissions authorise; :mod:`edgeagent.localapi`) and the agent's version owner does the work:
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ def add_admin_commands(add: AddCommand) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("models", cmd_models, "list the models, their versions and what decided each")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("tune", cmd_tune, "tune a model on this box now (variants, providers, threads, "
+                              "batch sizes) and switch the best one in")
+    p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -221,6 +226,87 @@ def cmd_rollback(args: argparse.Namespace) -> int:
            f"{name}: the agent is not running; it will go back to version {target[0]} (pinned) "
            "when it starts")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _section(config, args.name)
+    if not agent_running(config):
+        raise EdgeAgentError("edgeagent tune measures on the running agent, and it is not "
+                             "running (systemctl start edgeagent)")
+    doc = _stream_tune(config, args.name, show_progress=not args.json)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(format_tune(doc["result"]))
+    return 0
+
+
+def _stream_tune(config: AgentConfig, name: str, *, show_progress: bool) -> dict[str, Any]:
+    """POST .../tune and follow its NDJSON lines, drawing a progress bar on stderr."""
+    final: dict[str, Any] | None = None
+    try:
+        with local_client(config, timeout=3600) as client, \
+                client.stream("POST", f"/v1/agent/models/{name}/tune", json={}) as response:
+            if response.status_code != 200:
+                response.read()
+                try:
+                    why = response.json().get("error", response.text)
+                except ValueError:
+                    why = response.text.strip()
+                raise EdgeAgentError(str(why))
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if "progress" in item and show_progress:
+                    p = item["progress"]
+                    filled = int(30 * p["done"] / max(1, p["total"]))
+                    sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] "
+                                     f"{p['done']}/{p['total']} {p['outcome']:<14}")
+                    sys.stderr.flush()
+                elif "error" in item:
+                    raise EdgeAgentError(f"tuning {name} failed: {item['error']}")
+                elif "result" in item:
+                    final = item
+    except httpx.HTTPError as exc:
+        raise EdgeAgentError(f"cannot reach the agent ({exc})") from exc
+    finally:
+        if show_progress:
+            sys.stderr.write("\n")
+    if final is None:
+        raise EdgeAgentError("the agent ended the tuning without a result")
+    return final
+
+
+def format_tune(result: dict[str, Any]) -> str:
+    """The table of candidates, their figures and why each lost, then the choice."""
+    head = f"{'candidate':<52} {'p50 ms':>8} {'p99 ms':>8} {'items/s':>9} {'+MB':>6}  outcome"
+    lines = [head, "-" * len(head)]
+    for row in result["rows"]:
+        c, f = row["candidate"], row["figures"]
+        label = f"{c['variant']} {c['precision']} {c['provider'].removesuffix('ExecutionProvider')}"
+        label += f" t{c['threads'] or 'default'}" + (f" b{c['batch']}" if c["batch"] > 1 else "")
+        label += " (default)" if row["default"] else ""
+        figures = (f"{f['p50_ms']:>8.3f} {f['p99_ms']:>8.3f} {f['throughput']:>9.1f} "
+                   f"{f['memory_mb']:>6.1f}" if f else f"{'-':>8} {'-':>8} {'-':>9} {'-':>6}")
+        lines.append(f"{label:<52} {figures}  {row['outcome']}"
+                     + (f": {row['why']}" if row["why"] and row["outcome"] != "chosen" else ""))
+    chosen = result.get("chosen")
+    if chosen is None:
+        lines.append("no candidate passed: the profile's default keeps serving")
+    else:
+        margin = result.get("margin")
+        lines.append(f"chosen: {chosen['variant']} on {chosen['provider']}, "
+                     f"{chosen['threads'] or 'default'} thread(s), batch {chosen['batch']}"
+                     + (f"; {margin:.2f}x the default ({result['objective']}), noise "
+                        f"{100 * result['noise']:.1f} %" if margin else ""))
+    if result.get("confirm"):
+        lines.append("paired re-measurement (winner over default): "
+                     + ", ".join(f"{r:.2f}x" for r in result["confirm"]))
+    lines.append(f"searched {len(result['rows'])} candidate(s) in {result['elapsed_s']:.0f} s "
+                 f"of a {result['budget_s']:g} s budget")
+    return "\n".join(lines)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

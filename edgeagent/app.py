@@ -32,13 +32,20 @@ from edgeagent.config import (
 )
 from edgeagent.demo import demo_config, ensure_demo_hub, is_demo
 from edgeagent.device.facts import DeviceFacts, collect_facts
-from edgeagent.device.plan import TRT_CACHE_DIRNAME, ProviderPlan, plan_providers
+from edgeagent.device.plan import (
+    TRT_CACHE_DIRNAME,
+    PlanOverrides,
+    ProviderPlan,
+    loadable_variants,
+    plan_providers,
+)
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import EdgeAgentError
 from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 from edgeagent.service.reload import ReloadPlan, plan_reload
+from edgeagent.tuning import TimedMeasurer, Tuner, TuningMemory, TuningService, box_facts
 from edgeagent.versions.owner import VersionOwner, summary
 
 if TYPE_CHECKING:
@@ -98,11 +105,49 @@ class Agent:
 
     # ---- wiring -------------------------------------------------------------------------
 
-    def _plan(self, fmt: str, precision: str, sha256: str) -> ProviderPlan:
+    def _plan(self, fmt: str, precision: str, sha256: str,
+              overrides: PlanOverrides) -> ProviderPlan:
         assert self.facts is not None, "planned before start()"
         assert self.profile is not None, "planned before start()"
         return plan_providers(self.profile.profile, self.facts, fmt, precision,
-                              cache_dir=self.cache_dir / TRT_CACHE_DIRNAME, model_hash=sha256)
+                              cache_dir=self.cache_dir / TRT_CACHE_DIRNAME, model_hash=sha256,
+                              overrides=overrides)
+
+    def _tuning(self) -> TuningService:
+        """On-box tuning with the runtimes, planner, box and state directory of this agent."""
+        assert self.facts is not None
+        assert self.profile is not None
+        profile, facts = self.profile.profile, self.facts
+
+        def variant_plan(fmt: str, precision: str, overrides: PlanOverrides) -> ProviderPlan:
+            return plan_providers(profile, facts, fmt, precision,
+                                  cache_dir=self.cache_dir / TRT_CACHE_DIRNAME,
+                                  model_hash="candidates", overrides=overrides)
+
+        def loadable(variants: Any) -> tuple[list[Any], list[tuple[Any, str]]]:
+            ranking = loadable_variants(profile, facts, variants)
+            return list(ranking.ranked), [(r.variant, r.reason) for r in ranking.rejected]
+
+        from edgeagent.tuning.search import nvml_used_mb
+
+        tuner = Tuner(self.registry, self._plan, TimedMeasurer(),
+                      device_memory=nvml_used_mb if facts.gpus else None)
+        return TuningService(tuner,
+                             TuningMemory(self.state_dir), box=box_facts(facts),
+                             cpu_count=facts.cpu_count or os.cpu_count() or 1,
+                             planner=variant_plan, loadable=loadable)
+
+    def _limits(self) -> dict[str, ModelLimits]:
+        """Each model's scheduling limits: its section's, with the batch size its tuning
+        chose when a tuned configuration serves (batching on)."""
+        out = {}
+        for m in self._models():
+            limits = ModelLimits.from_section(m)
+            batch = self.owner.tuned_batch(m.name)
+            if batch and limits.max_batch_size > 0:
+                limits = dataclasses.replace(limits, max_batch_size=batch)
+            out[m.name] = limits
+        return out
 
     def _models(self) -> tuple[ModelSection, ...]:
         return self.config.models
@@ -141,7 +186,10 @@ class Agent:
             self.owner.hub = HubSource(self.config.hub, self.state_dir,
                                        profile_chooser(self.profile.profile, self.facts),
                                        base_dir=self.base_dir)
-        self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
+        self.owner.tuning = self._tuning()
+        # A tuned configuration switched in may come with its own batch size.
+        self.owner.subscribe(lambda: self.scheduler.configure(self._limits()))
+        self.scheduler.configure(self._limits())
         # What the box has serves at once; the hub poll brings the rest.
         await self.owner.start(models)
         if demo and not all(self.manager.ready(m.name) for m in models):
@@ -274,7 +322,7 @@ class Agent:
             grace: Any = config.agent.shutdown_grace_s
             server.config.timeout_graceful_shutdown = grace
         models = self._models()
-        self.scheduler.configure({m.name: ModelLimits.from_section(m) for m in models})
+        self.scheduler.configure(self._limits())
         await self.owner.configure(models)
         outcomes = [(m.name, await self.owner.converge(m.name)) for m in models]
         changed = tuple(n for n, o in outcomes
@@ -311,7 +359,8 @@ class Agent:
                 "models": {m["name"]: {k: m.get(k) for k in (
                     "state", "version", "variant", "format", "precision", "provider",
                     "fallback", "last_error", "source", "source_kind", "target",
-                    "operator_pin", "blocked")} for m in status["models"]},
+                    "operator_pin", "blocked", "overrides", "tuned", "tuning")}
+                    for m in status["models"]},
                 "rollouts": self.owner.rollouts(), "desired": self.owner.desired(),
                 "refused": self.owner.refusals()}
 

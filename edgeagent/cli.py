@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent import __version__
-from edgeagent.config import AgentConfig, load_config
+from edgeagent.config import AgentConfig, ModelSection, load_config
 from edgeagent.errors import EdgeAgentError
 
 log = logging.getLogger("edgeagent")
@@ -142,12 +142,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                           profile_chooser(profile, facts), active)
 
     report = probe_report(Path(args.root), forced, state_dir, profiles_dir=profiles_dir,
-                          hub_variants=hub_variants, cache_dir=config.cache_path(os.environ))
+                          hub_variants=hub_variants, cache_dir=config.cache_path(os.environ),
+                          models=model_overrides(config.models))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(format_probe_text(report))
     return 0
+
+
+def model_overrides(models: Sequence[ModelSection]) -> list[Any]:
+    """What ``probe`` shows of the models that override the profile (or are tuned)."""
+    from edgeagent.device.plan import PlanOverrides
+    from edgeagent.device.probe import ModelOverrides
+
+    return [ModelOverrides(m.name, "tflite" if m.path.endswith(".tflite") else "onnx",
+                           PlanOverrides(m.providers, m.threads), m.precision, m.variant,
+                           m.tune.enabled)
+            for m in models
+            if m.providers or m.precision or m.variant or m.threads is not None
+            or m.tune.enabled]
 
 
 def _api_get(config: AgentConfig, path: str) -> Any:
@@ -205,6 +219,44 @@ def _mqtt_lines(mqtt: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _model_line(m: dict[str, Any]) -> str:
+    """One model in ``edgeagent status``, for a person."""
+    line = f"  {m['name']:<20} {m['state']:<9}"
+    if "version" in m:
+        line += f" v{m['version']} {m['format']}/{m['precision']} on {m['provider']}"
+    if m.get("fallback"):
+        line += f" (fell back: {m['fallback']})"
+    if m.get("source"):
+        line += f"  [{m['source']}]"
+    if m.get("target") is not None and m.get("target") != m.get("version"):
+        line += f"; target v{m['target']}"
+    if m.get("blocked"):
+        line += f"; {m['blocked']}"
+    tuning = m.get("tuning") or {}
+    if tuning.get("state") == "running":
+        run = tuning.get("running") or {}
+        line += f"; tuning {run.get('done', 0)}/{run.get('total', '?')}"
+    if tuning.get("chosen"):
+        margin = tuning.get("margin")
+        line += f"; tuned: {tuning['chosen']}" + (
+            f" ({margin:.2f}x the default's {tuning.get('objective')})" if margin else "")
+    if tuning.get("error"):
+        line += f"; {tuning['error']}"
+    if m.get("overrides"):
+        o = m["overrides"]
+        said = [f"providers {', '.join(o['providers'])}" if o.get("providers") else "",
+                f"precision {o['precision']}" if o.get("precision") else "",
+                f"variant {o['variant']}" if o.get("variant") else "",
+                f"threads {o['threads']}" if o.get("threads") is not None else ""]
+        line += f"; overrides: {', '.join(x for x in said if x)}"
+    sched = m.get("scheduling") or {}
+    if sched.get("batching", "off") != "off":
+        line += f"; batching {sched['batching']} (max {sched['max_batch_size']})"
+    if m.get("last_error"):
+        line += f"  error: {m['last_error']}"
+    return line
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _api_get(_load(args), "/v1/agent/status")
     if args.json:
@@ -220,23 +272,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
     print("models:")
     for m in status["models"]:
-        line = f"  {m['name']:<20} {m['state']:<9}"
-        if "version" in m:
-            line += f" v{m['version']} {m['format']}/{m['precision']} on {m['provider']}"
-        if m.get("fallback"):
-            line += f" (fell back: {m['fallback']})"
-        if m.get("source"):
-            line += f"  [{m['source']}]"
-        if m.get("target") is not None and m.get("target") != m.get("version"):
-            line += f"; target v{m['target']}"
-        if m.get("blocked"):
-            line += f"; {m['blocked']}"
-        sched = m.get("scheduling") or {}
-        if sched.get("batching", "off") != "off":
-            line += f"; batching {sched['batching']} (max {sched['max_batch_size']})"
-        if m.get("last_error"):
-            line += f"  error: {m['last_error']}"
-        print(line)
+        print(_model_line(m))
     return 0
 
 

@@ -139,6 +139,37 @@ class MqttSection:
     spool_max_bytes: int = 64 * 1024 * 1024
 
 
+TUNE_OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class TuneSection:
+    """``tune`` of a ``[[models]]`` entry: ``true``/``false``, or this table (on-box tuning)."""
+
+    enabled: bool = True
+    """A table turns tuning on unless it says ``enabled = false``."""
+    objective: str = "throughput"
+    """``throughput`` (items per second at the configured batch) or ``latency`` (p50 at
+    batch 1)."""
+    budget_s: float = 60.0
+    """The search stops after this long (per model, per tuning run)."""
+    max_memory_mb: float = 0.0
+    """Candidates that add more memory than this lose; 0 = no budget."""
+    max_p99_ms: float = 0.0
+    """Candidates whose p99 latency at batch 1 is above this lose; 0 = no bound."""
+    min_gain: float = 0.05
+    """A candidate replaces the profile's default only when it beats it by more than this
+    fraction and by more than the measured run-to-run noise."""
+    threads: tuple[int, ...] = ()
+    """Thread counts to try; empty = 1, half the cores and all of them."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes to measure throughput at (batching on); empty = ``max_batch_size``."""
+
+
+def _tune_off() -> TuneSection:
+    return TuneSection(enabled=False)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """One ``[[models]]`` entry: a model from the hub (``version``) or a local file (``path``)."""
@@ -155,6 +186,18 @@ class ModelSection:
     """Requests waiting per model beyond which the endpoint answers 503."""
     max_concurrency: int = 2
     """Inferences of this model running at once."""
+    providers: tuple[str, ...] = ()
+    """Execution providers (ONNX) or delegates (TFLite) to use, in order, instead of the
+    profile's; empty = the profile's."""
+    precision: str = ""
+    """Only variants of this precision (``fp32``, ``fp16``, ``int8``); empty = the profile's
+    ranking decides."""
+    variant: str = ""
+    """The bundle variant to use (its file name; hub models); empty = the profile's ranking."""
+    threads: int | None = None
+    """Intra-op / interpreter threads instead of the profile's (0 = the runtime's default)."""
+    tune: TuneSection = field(default_factory=_tune_off)
+    """On-box tuning (``tune = true``, or a table of :class:`TuneSection`); off by default."""
 
     @property
     def source(self) -> str:
@@ -222,8 +265,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
-            if option is type(None) and value is None:
-                return None
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _coerce(value, option, key)
             except ConfigError:
@@ -280,6 +325,23 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
     if missing:
         raise ConfigError("missing required key", f"{key}.{missing[0]}")
     return cls(**kwargs)
+
+
+def _build_model(data: Any, key: str) -> ModelSection:
+    """One ``[[models]]`` table; ``tune`` is ``true``/``false`` or a table."""
+    if not isinstance(data, Mapping) or "tune" not in data:
+        built: ModelSection = _build(ModelSection, data, key)
+        return built
+    rest = {k: v for k, v in data.items() if k != "tune"}
+    raw = data["tune"]
+    if isinstance(raw, bool):
+        tune = TuneSection(enabled=raw)
+    elif isinstance(raw, Mapping):
+        tune = _build(TuneSection, raw, f"{key}.tune")
+    else:
+        raise ConfigError(f"expected true, false or a table, got {raw!r}", f"{key}.tune")
+    model: ModelSection = _build(ModelSection, rest, key)
+    return dataclasses.replace(model, tune=tune)
 
 
 def _positive(value: float, key: str, allow_zero: bool = False) -> None:
@@ -393,6 +455,50 @@ def _validate_models(models: tuple[ModelSection, ...], hub: HubSection) -> None:
         _positive(model.max_queue_delay_ms, f"{key}.max_queue_delay_ms", allow_zero=True)
         _positive(model.max_queue_size, f"{key}.max_queue_size")
         _positive(model.max_concurrency, f"{key}.max_concurrency")
+        _validate_overrides(model, key)
+
+
+_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _validate_overrides(model: ModelSection, key: str) -> None:
+    """The per-model overrides: providers, precision, variant, threads, tune."""
+    for i, name in enumerate(model.providers):
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError("a provider or delegate name (CUDAExecutionProvider, xnnpack)",
+                              f"{key}.providers[{i}]")
+    if len(set(model.providers)) != len(model.providers):
+        raise ConfigError("a provider is listed twice", f"{key}.providers")
+    if model.precision and model.precision not in _PRECISIONS:
+        raise ConfigError(f"expected one of {', '.join(_PRECISIONS)}", f"{key}.precision")
+    if model.variant:
+        if model.path:
+            raise ConfigError("a path model has one file; variant is for hub models",
+                              f"{key}.variant")
+        if "/" in model.variant or "\\" in model.variant or model.variant.startswith("."):
+            raise ConfigError("expected a bundle variant's file name (model-int8.onnx)",
+                              f"{key}.variant")
+    if model.threads is not None:
+        _positive(model.threads, f"{key}.threads", allow_zero=True)
+    _validate_tune(model, key)
+
+
+def _validate_tune(model: ModelSection, key: str) -> None:
+    t = model.tune
+    if t.objective not in TUNE_OBJECTIVES:
+        raise ConfigError(f"expected {' or '.join(TUNE_OBJECTIVES)}", f"{key}.tune.objective")
+    _positive(t.budget_s, f"{key}.tune.budget_s")
+    for name in ("max_memory_mb", "max_p99_ms", "min_gain"):
+        _positive(getattr(t, name), f"{key}.tune.{name}", allow_zero=True)
+    for name in ("threads", "batch_sizes"):
+        for i, n in enumerate(getattr(t, name)):
+            _positive(n, f"{key}.tune.{name}[{i}]")
+    if t.batch_sizes and not model.max_batch_size:
+        raise ConfigError("batch sizes are tuned only with batching on (max_batch_size > 0)",
+                          f"{key}.tune.batch_sizes")
+    if any(b > model.max_batch_size for b in t.batch_sizes):
+        raise ConfigError(f"a batch size above max_batch_size ({model.max_batch_size})",
+                          f"{key}.tune.batch_sizes")
 
 
 def _env_value(raw: str) -> Any:
@@ -470,9 +576,7 @@ def parse_config(
         models = merged.get("models", [])
         if not isinstance(models, list):
             raise ConfigError("expected an array of tables ([[models]])", "models")
-        kwargs["models"] = tuple(
-            _build(ModelSection, m, f"models[{i}]") for i, m in enumerate(models)
-        )
+        kwargs["models"] = tuple(_build_model(m, f"models[{i}]") for i, m in enumerate(models))
         cfg = AgentConfig(**kwargs, source=source or "embedded defaults", ignored_env=ignored)
         _validate(cfg)
     except ConfigError as exc:

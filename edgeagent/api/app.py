@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -156,6 +157,41 @@ class Api:
             await self.s.owner.pin(name, version)
         return JSONResponse(self._model_report(name))
 
+    async def agent_tune(self, request: Request) -> Response:
+        """Tune a model now (``edgeagent tune``): NDJSON lines ``{"progress": ...}`` per
+        candidate, then ``{"result": ...}`` (or ``{"error": ...}``). Refusals known before the
+        search starts (unknown model, nothing serving) are plain JSON errors."""
+        name = request.path_params["name"]
+        await self._json_object(request)
+        owner = self.s.owner
+        owner.known(name)
+        if not self.s.manager.ready(name):
+            self.s.manager.get(name)  # raises ModelNotReady with the reason
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def progress(done: int, total: int, row: Any) -> None:
+            queue.put_nowait({"progress": {"done": done, "total": total, **row.to_dict()}})
+
+        async def run() -> None:
+            try:
+                result = await owner.tune(name, progress)
+                queue.put_nowait({"result": result.to_dict(), "model": self._model_report(name)})
+            except EdgeAgentError as exc:
+                queue.put_nowait({"error": str(exc)})
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run(), name=f"tune {name} (operator)")
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                while (item := await queue.get()) is not None:
+                    yield json.dumps(item).encode() + b"\n"
+            finally:
+                await task
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
     async def agent_rollback(self, request: Request) -> Response:
         name = request.path_params["name"]
         await self._json_object(request)
@@ -271,6 +307,7 @@ def build_app(services: Services, *, trusted: bool = False) -> ASGIApp:
         Route("/v1/agent/models", api.agent_models, methods=["GET"]),
         Route("/v1/agent/models/{name}/pull", api.agent_pull, methods=["POST"]),
         Route("/v1/agent/models/{name}/rollback", api.agent_rollback, methods=["POST"]),
+        Route("/v1/agent/models/{name}/tune", api.agent_tune, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

@@ -18,7 +18,7 @@ from edgeagent.api.errors import Forbidden, HeadersTooLarge, Unauthorized, error
 
 #: Endpoints that change what the agent serves: always behind the token (or the admin channel).
 _REPOSITORY_CHANGE = re.compile(
-    r"^(/v2/repository/models/[^/]+/(load|unload)|/v1/agent/models/[^/]+/(pull|rollback))$")
+    r"^(/v2/repository/models/[^/]+/(load|unload)|/v1/agent/models/[^/]+/(pull|rollback|tune))$")
 
 
 class RequestGuard:

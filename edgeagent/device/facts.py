@@ -112,6 +112,8 @@ class GpuInfo:
     memory_mb: int | None = None
     integrated: bool = False
     source: str = "nvml"
+    compute_capability: str | None = None
+    """``8.7`` (NVML), or None when unknown (what TensorRT engines and tuning results key on)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "memory_mb": self.memory_mb,
@@ -202,6 +204,9 @@ class DeviceFacts:
     edgetpu_devices: tuple[str, ...] = ()
     gpus: tuple[GpuInfo, ...] = ()
     runtimes: RuntimeFacts = field(default_factory=RuntimeFacts)
+    cpu_flags: tuple[str, ...] = ()
+    """The CPU's feature flags (x86 ``flags``, ARM ``Features`` of /proc/cpuinfo), sorted: what
+    a tuning result is keyed on besides the model (another vector unit, another winner)."""
 
     @property
     def is_tegra(self) -> bool:
@@ -266,6 +271,7 @@ def collect_facts(root: Path = Path("/"), runtimes: RuntimeFacts | None = None) 
         libraries=libraries,
         edgetpu_devices=_edgetpu_devices(root),
         runtimes=runtimes,
+        cpu_flags=_cpu_flags(cpuinfo),
     )
     gpus = runtimes.nvml_gpus or _procfs_gpus(root)
     if not gpus and facts.is_tegra:
@@ -388,6 +394,13 @@ def _arch_from_cpuinfo(cpuinfo: str) -> str | None:
     if flags:
         return "x86_64" if "lm" in flags[0].split() else "i686"
     return None
+
+
+def _cpu_flags(cpuinfo: str | None) -> tuple[str, ...]:
+    if cpuinfo is None:
+        return ()
+    found = _cpuinfo_fields(cpuinfo, "flags") or _cpuinfo_fields(cpuinfo, "features")
+    return tuple(sorted(set(found[0].split()))) if found else ()
 
 
 def _cpu_count(cpuinfo: str | None, live: bool) -> int | None:
@@ -568,7 +581,13 @@ def _nvml_gpus() -> tuple[GpuInfo, ...] | None:
             if isinstance(name, bytes):  # nvidia-ml-py before 11.5 returned bytes
                 name = name.decode("utf-8", "replace")
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total // (1 << 20)
-            gpus.append(GpuInfo(name=str(name), memory_mb=int(memory), source="nvml"))
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                capability: str | None = f"{major}.{minor}"
+            except (pynvml.NVMLError, AttributeError):  # older drivers or bindings lack it
+                capability = None
+            gpus.append(GpuInfo(name=str(name), memory_mb=int(memory), source="nvml",
+                                compute_capability=capability))
         return tuple(gpus)
     except pynvml.NVMLError as exc:
         log.warning("NVML failed while listing GPUs: %s", exc)

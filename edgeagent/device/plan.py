@@ -103,6 +103,27 @@ class ProviderPlan:
 
 
 @dataclass(frozen=True)
+class PlanOverrides:
+    """What one model's ``[[models]]`` entry (or its tuning result) says instead of the profile.
+
+    Attributes:
+        providers: Providers (ONNX) or delegates (TFLite) to use, in this order; empty = the
+            profile's. ONNX plans still end with ``CPUExecutionProvider`` (named or not); for
+            TFLite, ``cpu`` alone means the built-in kernels only.
+        threads: Threads instead of the profile's; None = the profile's (0 = runtime default).
+    """
+
+    providers: tuple[str, ...] = ()
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"providers": list(self.providers), "threads": self.threads}
+
+
+NO_OVERRIDES = PlanOverrides()
+
+
+@dataclass(frozen=True)
 class RejectedVariant:
     """A model variant :func:`rank_variants` left out, and why."""
 
@@ -129,7 +150,8 @@ def preferred_precisions(profile: DeviceProfile, fmt: str) -> list[str]:
 
 
 def plan_providers(profile: DeviceProfile, facts: DeviceFacts, fmt: str, precision: str, *,
-                   cache_dir: str | PurePath, model_hash: str) -> ProviderPlan:
+                   cache_dir: str | PurePath, model_hash: str,
+                   overrides: PlanOverrides = NO_OVERRIDES) -> ProviderPlan:
     """Decide which providers (ONNX) or delegates (TFLite) to try for one model on this box.
 
     Pure: everything comes from the arguments. A provider the profile lists but the box cannot
@@ -149,6 +171,8 @@ def plan_providers(profile: DeviceProfile, facts: DeviceFacts, fmt: str, precisi
         precision: ``fp32``, ``fp16`` or ``int8`` (of the model variant).
         cache_dir: Directory for TensorRT caches (``state_dir / TRT_CACHE_DIRNAME``).
         model_hash: Content hash of the model file (hex).
+        overrides: The model's own providers (in order) and threads; what the profile lists
+            and the override leaves out is excluded with the reason.
 
     Raises:
         ModelError: unknown format or precision, or a model hash unusable in a path.
@@ -157,18 +181,19 @@ def plan_providers(profile: DeviceProfile, facts: DeviceFacts, fmt: str, precisi
     _check_precision(precision)
     if not re.fullmatch(r"[0-9A-Za-z_{}<>-]+", model_hash):
         raise ModelError(f"model hash {model_hash!r} is not usable in a cache path")
+    threads = profile.threads if overrides.threads is None else overrides.threads
     if fmt == "tflite":
-        delegates, excluded = _decide_delegates(profile, facts, precision)
+        delegates, excluded = _decide_delegates(profile, facts, precision, overrides.providers)
         planned = tuple(PlannedProvider(d.name, dict(d.options), d.library) for d in delegates)
-        return ProviderPlan(fmt, precision, planned, tuple(excluded), profile.threads)
-    providers, excluded = _decide_providers(profile, facts, precision)
+        return ProviderPlan(fmt, precision, planned, tuple(excluded), threads)
+    providers, excluded = _decide_providers(profile, facts, precision, overrides.providers)
     planned_list = []
     for spec in providers:
         options = dict(spec.options)
         if spec.name == TENSORRT:
             options.update(_tensorrt_options(spec, facts, precision, cache_dir, model_hash))
         planned_list.append(PlannedProvider(spec.name, options))
-    return ProviderPlan(fmt, precision, tuple(planned_list), tuple(excluded), profile.threads)
+    return ProviderPlan(fmt, precision, tuple(planned_list), tuple(excluded), threads)
 
 
 def rank_variants(profile: DeviceProfile, facts: DeviceFacts,
@@ -194,6 +219,30 @@ def rank_variants(profile: DeviceProfile, facts: DeviceFacts,
     return VariantRanking(tuple(v for _, _, v in scored), tuple(rejected))
 
 
+def loadable_variants(profile: DeviceProfile, facts: DeviceFacts,
+                      variants: Iterable[Any]) -> VariantRanking:
+    """The variants the runtimes on this box can load, whatever the profile prefers (what
+    tuning tries): those :func:`rank_variants` ranks first, in its order, then the rest in
+    bundle order; rejected only for a format or precision nobody knows, a runtime that is
+    missing, an architecture or a provider the box lacks. Pure."""
+    variants = list(variants)
+    ranked = rank_variants(profile, facts, variants).ranked
+    rest: list[Any] = []
+    rejected: list[RejectedVariant] = []
+    for variant in variants:
+        if any(variant is r for r in ranked):
+            continue
+        fmt, precision, needs = (_get(variant, k) for k in ("format", "precision", "needs"))
+        problem = _variant_problem(profile, facts, fmt, precision, needs, strict=False)
+        if problem is None:
+            problem = _needs_problem(profile, facts, fmt, precision, needs)
+        if problem is None:
+            rest.append(variant)
+        else:
+            rejected.append(RejectedVariant(variant, problem))
+    return VariantRanking((*ranked, *rest), tuple(rejected))
+
+
 # --- the decisions --------------------------------------------------------------------------
 
 
@@ -214,15 +263,23 @@ def _library(facts: DeviceFacts, key: str, what: str, hint: str = "") -> list[st
     return [f"{what}: {library} not found" + (f" ({hint})" if hint else "")]
 
 
-def _decide_providers(profile: DeviceProfile, facts: DeviceFacts,
-                      precision: str) -> tuple[list[ProviderSpec], list[Exclusion]]:
+_NOT_WANTED = "not in this model's providers"
+
+
+def _decide_providers(profile: DeviceProfile, facts: DeviceFacts, precision: str,
+                      wanted: Sequence[str] = ()) -> tuple[list[ProviderSpec], list[Exclusion]]:
     offered = facts.runtimes.ort_providers
     chosen: list[ProviderSpec] = []
     excluded: list[Exclusion] = []
-    cpu = ProviderSpec(CPU)
-    for spec in profile.onnx_providers:
+    cpu = next((s for s in profile.onnx_providers if s.name == CPU), ProviderSpec(CPU))
+    specs = list(profile.onnx_providers)
+    if wanted:
+        listed = {s.name: s for s in specs}
+        excluded += [Exclusion(s.name, _NOT_WANTED) for s in specs
+                     if s.name not in wanted and s.name != CPU]
+        specs = [listed.get(n, ProviderSpec(n)) for n in wanted]
+    for spec in specs:
         if spec.name == CPU:
-            cpu = spec
             continue
         reasons: list[str] = []
         if offered is None:
@@ -251,12 +308,20 @@ def _decide_providers(profile: DeviceProfile, facts: DeviceFacts,
     return chosen, excluded
 
 
-def _decide_delegates(profile: DeviceProfile, facts: DeviceFacts,
-                      precision: str) -> tuple[list[DelegateSpec], list[Exclusion]]:
+def _decide_delegates(profile: DeviceProfile, facts: DeviceFacts, precision: str,
+                      wanted: Sequence[str] = ()) -> tuple[list[DelegateSpec], list[Exclusion]]:
     runtimes = facts.runtimes
     chosen: list[DelegateSpec] = []
     excluded: list[Exclusion] = []
-    for spec in profile.tflite_delegates:
+    specs = list(profile.tflite_delegates)
+    if wanted:
+        listed = {s.name: s for s in specs}
+        excluded += [Exclusion(s.name, _NOT_WANTED) for s in specs if s.name not in wanted]
+        excluded += [Exclusion(n, f"profile {profile.name} lists no delegate {n!r} (no library "
+                                  "to load it from)")
+                     for n in wanted if n not in listed and n != "cpu"]
+        specs = [listed[n] for n in wanted if n in listed]
+    for spec in specs:
         reasons: list[str] = []
         if not (runtimes.litert or runtimes.tflite_runtime):
             reasons.append(f"neither LiteRT nor tflite-runtime is installed ({_LITERT_HINT})")
@@ -313,14 +378,16 @@ def _names(value: Any) -> list[str]:
 
 
 def _variant_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, precision: Any,
-                     needs: Any) -> str | None:
-    """Why a variant cannot run here on its face (before planning), or None."""
+                     needs: Any, *, strict: bool = True) -> str | None:
+    """Why a variant cannot run here on its face (before planning), or None. Not ``strict``:
+    what the profile prefers does not count (only what the box can load)."""
     arches = _names(_get(needs, "arch"))
     problems = [
         (fmt not in FORMATS, f"unknown format {fmt!r}"),
         (precision not in PRECISIONS, f"unknown precision {precision!r}"),
-        (fmt not in profile.formats, f"profile {profile.name} does not run {fmt} models"),
-        (fmt in FORMATS and precision not in preferred_precisions(profile, fmt),
+        (strict and fmt not in profile.formats,
+         f"profile {profile.name} does not run {fmt} models"),
+        (strict and fmt in FORMATS and precision not in preferred_precisions(profile, fmt),
          f"{precision} is not among profile {profile.name}'s {fmt} precisions"),
         (bool(arches) and facts.arch not in arches,
          f"needs architecture {' or '.join(arches)}; this box is {facts.arch or 'unknown'}"),
@@ -330,6 +397,24 @@ def _variant_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, preci
          f"neither LiteRT nor tflite-runtime is installed ({_LITERT_HINT})"),
     ]
     return next((text for bad, text in problems if bad), None)
+
+
+def _needs_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, precision: Any,
+                   needs: Any) -> str | None:
+    """Why a variant's ``needs.providers``/``delegates`` cannot be met here, or None."""
+    if fmt == "onnx":
+        providers, excluded = _decide_providers(profile, facts, precision)
+        planned = [s.name for s in providers]
+    else:
+        delegates, excluded = _decide_delegates(profile, facts, precision)
+        planned = [d.name for d in delegates]
+    wanted = _names(_get(needs, "providers")) + _names(_get(needs, "delegates"))
+    if wanted and not set(wanted) & set(planned):
+        why = {e.name: e.reason for e in excluded}
+        detail = "; ".join(f"{w}: {why.get(w, f'not listed by profile {profile.name}')}"
+                           for w in wanted)
+        return f"needs {' or '.join(wanted)}, none usable here ({detail})"
+    return None
 
 
 def _score_variant(profile: DeviceProfile, facts: DeviceFacts,

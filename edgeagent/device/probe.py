@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeagent.device.facts import DeviceFacts, RuntimeFacts, collect_facts
-from edgeagent.device.plan import TRT_CACHE_DIRNAME, plan_providers
+from edgeagent.device.plan import TRT_CACHE_DIRNAME, PlanOverrides, plan_providers
 from edgeagent.device.profiles import (
     CUDA,
     PRECISIONS,
@@ -28,11 +29,25 @@ MODEL_HASH_PLACEHOLDER = "{model_hash}"
 HubVariants = Callable[[DeviceProfile, DeviceFacts], list[dict[str, Any]]]
 
 
+@dataclass(frozen=True)
+class ModelOverrides:
+    """A configured model's own choices (its ``[[models]]`` overrides), for the probe."""
+
+    name: str
+    format: str
+    """``onnx`` or ``tflite`` (a path model's suffix; hub models: ``onnx``)."""
+    overrides: PlanOverrides
+    precision: str = ""
+    variant: str = ""
+    tune: bool = False
+
+
 def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
                  profiles_dir: Path | None = None,
                  runtimes: RuntimeFacts | None = None,
                  hub_variants: HubVariants | None = None,
-                 cache_dir: Path | None = None) -> dict[str, Any]:
+                 cache_dir: Path | None = None,
+                 models: Sequence[ModelOverrides] = ()) -> dict[str, Any]:
     """Everything ``edgeagent probe`` shows, as a JSON-able dict.
 
     Args:
@@ -45,12 +60,14 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
             hub model would run here (the caller knows the hub; the device side does not).
         cache_dir: Where TensorRT caches go (default ``state_dir``; ``$CACHE_DIRECTORY``
             under systemd).
+        models: The configured models' overrides; each gets the plan they make.
 
     Returns:
         ``facts``, ``profile`` (name, reason, candidates, the profile itself), ``plans`` (one per
         format and precision, the profile's preferred ones first), ``installed`` (runtime
         package versions), ``missing`` (what to install, with the command) and ``hub_models``
-        (per configured hub model: the variant this box would run, or why it is not known).
+        (per configured hub model: the variant this box would run, or why it is not known)
+        and ``models`` (per model with overrides: them, and the plan they give).
 
     Raises:
         ProfileError: a profile file is invalid, the forced profile is unknown, or none matches.
@@ -77,7 +94,19 @@ def probe_report(root: Path, forced_profile: str | None, state_dir: Path, *,
         "onnxruntime_build": onnxruntime_build(facts.runtimes.packages),
         "missing": _missing(profile, facts),
         "hub_models": hub_variants(profile, facts) if hub_variants is not None else [],
+        "models": [_model_plan(profile, facts, m, trt_cache) for m in models],
     }
+
+
+def _model_plan(profile: DeviceProfile, facts: DeviceFacts, m: ModelOverrides,
+                cache_dir: Path) -> dict[str, Any]:
+    preferred = profile.onnx_precisions if m.format == "onnx" else profile.tflite_precisions
+    precision = m.precision or (preferred[0] if preferred else "fp32")
+    plan = plan_providers(profile, facts, m.format, precision, cache_dir=cache_dir,
+                          model_hash=MODEL_HASH_PLACEHOLDER, overrides=m.overrides)
+    return {"name": m.name, "overrides": {**m.overrides.to_dict(), "precision": m.precision,
+                                          "variant": m.variant, "tune": m.tune},
+            "plan": plan.to_dict()}
 
 
 def onnxruntime_build(packages: Mapping[str, str]) -> dict[str, Any]:
@@ -186,9 +215,30 @@ def format_probe_text(report: dict[str, Any]) -> str:
             lines.append(f"      {m['reason']}")
     if "warning" in build:
         lines += ["", f"WARNING: {build['warning']}"]
+    lines += _model_lines(report.get("models") or [])
     if report["missing"]:
         lines += ["", "Missing"]
         for item in report["missing"]:
             lines.append(f"  {item['package']}: {item['why']}")
             lines.append(f"      {item['hint']}")
     return "\n".join(lines) + "\n"
+
+
+def _model_lines(models: list[dict[str, Any]]) -> list[str]:
+    if not models:
+        return []
+    lines = ["", "Model overrides ([[models]] providers, precision, variant, threads, tune)"]
+    for m in models:
+        o, plan = m["overrides"], m["plan"]
+        said = [f"providers {', '.join(o['providers'])}" if o["providers"] else "",
+                f"precision {o['precision']}" if o["precision"] else "",
+                f"variant {o['variant']}" if o["variant"] else "",
+                f"threads {o['threads']}" if o["threads"] is not None else "",
+                "tuned on the box" if o["tune"] else ""]
+        lines.append(f"  {m['name']}: {'; '.join(x for x in said if x) or 'none'}")
+        names = " -> ".join(p["name"] for p in plan["providers"]) or "built-in CPU kernels"
+        lines.append(f"      {plan['format']} {plan['precision']}: {names}, "
+                     f"{plan['threads'] or 'default'} thread(s)")
+        for excl in plan["excluded"]:
+            lines.append(f"      without {excl['name']}: {excl['reason']}")
+    return lines

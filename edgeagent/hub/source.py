@@ -198,34 +198,86 @@ class HubSource:
 
     # ---- getting a version --------------------------------------------------------------
 
-    async def fetch(self, name: str, version: int) -> ModelSource:
+    async def fetch(self, name: str, version: int, *, variant: str = "",
+                    precision: str = "") -> ModelSource:
         """Version ``version`` of ``name``, verified in the store (downloaded if needed).
 
+        Args:
+            name, version: The release.
+            variant: That bundle variant (a file name: the model's override, or a tuning
+                result); empty = the chooser's pick for this box.
+            precision: Only variants of this precision are considered (the model's override).
+
         Raises:
-            HubError (HubUnreachable: transient), VerificationError: not available.
+            HubError (HubUnreachable: transient), VerificationError: not available (a variant
+            or precision the bundle does not have: HubError naming what it has).
         """
         if version not in await self._run(self.store.installed_versions, name) \
                 and not self.lists(name, version):
             await self.refresh()
-        inst: Installed = await self._run(self.fetch_blocking, name, version, None)
+        inst: Installed = await self._run(self.fetch_blocking, name, version, None, variant,
+                                          precision)
         source: ModelSource = await self._run(self.source, inst)
         return source
 
-    def fetch_blocking(self, name: str, version: int, progress: Progress | None) -> Installed:
+    def pick(self, bundle: Bundle, variant: str = "", precision: str = "") -> tuple[Variant, str]:
+        """The variant of ``bundle`` to run: ``variant`` by file name, else the chooser's pick
+        among those of ``precision`` (all if empty).
+
+        Raises:
+            HubError: the bundle has no such variant, or none of that precision fits the box.
+        """
+        have = ", ".join(f"{v.file} ({v.format}/{v.precision})" for v in bundle.variants)
+        if variant:
+            found = next((v for v in bundle.variants if v.file == variant), None)
+            if found is None:
+                raise HubError(f"{bundle.name} version {bundle.version} has no variant "
+                               f"{variant!r} (it has: {have})")
+            return found, "variant asked for by name"
+        candidates = [v for v in bundle.variants if not precision or v.precision == precision]
+        if not candidates:
+            raise HubError(f"{bundle.name} version {bundle.version} has no {precision} variant "
+                           f"(it has: {have})")
+        chosen, why = self.chooser(candidates)
+        return chosen, (f"precision {precision} asked for; {why}" if precision else why)
+
+    def variants(self, name: str, version: int) -> tuple[Variant, ...]:
+        """The variants of an installed version's bundle (blocking: reads the store)."""
+        return self.store.installed(name, version).bundle.variants
+
+    def fetch_blocking(self, name: str, version: int, progress: Progress | None,
+                       variant: str = "", precision: str = "") -> Installed:
         """Download and verify one release into the store (blocking; after a refresh).
+
+        A version already installed with another variant gets the one asked for added beside
+        it (downloaded, verified, linked into the version's folder).
 
         Raises:
             HubError: no variant fits, not enough disk, hub unreachable; VerificationError.
         """
         if version in self.store.installed_versions(name):
             installed: Installed = self.store.installed(name, version)
-            return installed
+            if not (variant or precision):
+                return installed
+            wanted, reason = self.pick(installed.bundle, variant, precision)
+            if wanted.file == installed.variant.file:
+                return installed
+            self._download(name, version, [wanted], progress)
+            return self.store.add_variant(installed, wanted, reason)
         bundle = self.client.bundle(name, version)
         bundle_bytes = self._bundle_bytes(bundle)
-        variant, reason = self.chooser(bundle.variants)
-        log.info("model %s version %d: variant %s chosen: %s", name, version, variant.file, reason)
+        chosen, reason = self.pick(bundle, variant, precision)
+        log.info("model %s version %d: variant %s chosen: %s", name, version, chosen.file, reason)
         self._step("bundle")
-        refs = [variant, *((bundle.checks,) if bundle.checks else ())]
+        self._download(name, version, [chosen, *((bundle.checks,) if bundle.checks else ())],
+                       progress)
+        self._step("downloaded")
+        inst = self.store.install(bundle_bytes, bundle, chosen, reason)
+        self._step("installed")
+        return inst
+
+    def _download(self, name: str, version: int, refs: Sequence[Any],
+                  progress: Progress | None) -> None:
         missing = [r for r in refs if self.store.blob(r.sha256) is None]
         self._check_space(sum(r.size for r in missing))
         for ref in missing:
@@ -241,10 +293,6 @@ class HubSource:
 
             self.client.download(name, version, ref.file, partial, tick)
             self.store.commit_blob(partial, ref.sha256)
-        self._step("downloaded")
-        inst = self.store.install(bundle_bytes, bundle, variant, reason)
-        self._step("installed")
-        return inst
 
     def source(self, inst: Installed) -> ModelSource:
         """The manager's view of an installed version (checks read from the store)."""

@@ -18,6 +18,7 @@ folders), never anything a state refers to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -138,6 +139,22 @@ class ModelStore:
         fsync_dir(folder)
         return self.installed(bundle.name, bundle.version)
 
+    def add_variant(self, inst: Installed, variant: Variant, reason: str) -> Installed:
+        """Link another variant of an installed version (its blob already in the store) into
+        the version's folder; the install record keeps the variant chosen at install time."""
+        target = inst.directory / variant.file
+        if not target.is_file():
+            blob = self.blob(variant.sha256)
+            if blob is None:
+                raise HubError(f"{variant.file} ({variant.sha256[:16]}...) is not in the store")
+            tmp = inst.directory / f".{variant.file}.tmp"
+            if tmp.exists():
+                tmp.unlink()
+            os.link(blob, tmp)
+            os.replace(tmp, target)
+            fsync_dir(inst.directory)
+        return dataclasses.replace(inst, variant=variant, reason=reason)
+
     def installed(self, name: str, version: int) -> Installed:
         """An installed version, read back from its folder.
 
@@ -166,6 +183,8 @@ class ModelStore:
                 for leftover in model.glob(".*.tmp"):
                     log.info("removing %s, left by an interrupted install", leftover)
                     shutil.rmtree(leftover, ignore_errors=True)
+                for leftover in model.glob("*/.*.tmp"):  # a variant being added
+                    leftover.unlink(missing_ok=True)
         for folder in (self.root, self.blobs):
             if folder.is_dir():
                 for leftover in folder.glob(".*.tmp"):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeagent.device.plan import ProviderPlan
+from edgeagent.device.plan import NO_OVERRIDES, PlanOverrides, ProviderPlan
 from edgeagent.errors import EdgeAgentError, ModelError, ModelNotFound, ModelNotReady
 from edgeagent.runtime.base import LoadedModel
 from edgeagent.runtime.checks import ModelCheck, run_checks
@@ -31,9 +31,9 @@ from edgeagent.runtime.registry import BackendRegistry, model_format
 
 log = logging.getLogger(__name__)
 
-#: (format, precision, model sha256) -> provider plan. Built by the composition root from the
-#: device profile and facts, so the manager knows nothing of profiles.
-Planner = Callable[[str, str, str], ProviderPlan]
+#: (format, precision, model sha256, the model's overrides) -> provider plan. Built by the
+#: composition root from the device profile and facts, so the manager knows nothing of profiles.
+Planner = Callable[[str, str, str, PlanOverrides], ProviderPlan]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class ModelSource:
     checks: tuple[ModelCheck, ...] = ()
     sha256: str = ""
     """Known content hash (the store's); computed when empty."""
+    overrides: PlanOverrides = NO_OVERRIDES
+    """The model's own providers and threads (its ``[[models]]`` entry, or its tuning)."""
+    tuned: str = ""
+    """Set when a tuning result chose this configuration (what it is, for reporting)."""
 
 
 #: A run predicted to take less than this runs on the event loop: handing it to a worker thread
@@ -141,6 +145,7 @@ class ModelVersion:
             "origin": self.source.origin,
             "path": str(self.source.path),
             "variant": self.source.variant,
+            "tuned": self.source.tuned,
             "format": self.format,
             "platform": m.platform,
             "precision": self.precision,
@@ -245,7 +250,7 @@ class ModelManager:
             precision, why = onnx_precision(path) if fmt == "onnx" else ("fp32", "pending")
         elif precision not in PRECISIONS:
             raise ModelError(f"unknown precision {precision!r} (expected {', '.join(PRECISIONS)})")
-        plan = self._planner(fmt, precision, sha)
+        plan = self._planner(fmt, precision, sha, source.overrides)
         backend = self._registry.for_format(fmt)
         model = backend.load(path, plan)
         try:

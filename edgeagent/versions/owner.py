@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from edgeagent.config import ModelSection
 from edgeagent.control.desired import DesiredDoc, DesiredStateError, parse_desired, revision_hint
 from edgeagent.control.rollout import RolloutDoc, RolloutError, parse_rollout
+from edgeagent.device.plan import PlanOverrides
 from edgeagent.errors import EdgeAgentError, HubError, ModelNotFound, TransientError
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.versions.history import History, ModelHistory, VersionState
@@ -43,6 +45,8 @@ from edgeagent.versions.policy import (
 
 if TYPE_CHECKING:  # the hub stack (tuf, httpx) is imported only where a hub is configured
     from edgeagent.hub.source import HubSource
+    from edgeagent.tuning import Plan, TuneResult, TuningService, VariantFile
+    from edgeagent.tuning.search import ProgressHook
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +102,13 @@ class VersionOwner:
         hub: The hub source, or None on a box without a hub.
         poll_interval_s: How often the hub is asked for new releases.
         on_step: Called with each named step (tests); None in production.
+        tuning: On-box tuning (None: every model runs what the profile picks).
     """
 
     def __init__(self, manager: ModelManager, state_dir: Path, base_dir: Path, *,
                  device_id: str, groups: Sequence[str] = (), keep_versions: int = 2,
                  hub: HubSource | None = None, poll_interval_s: float = 300.0,
-                 on_step: StepHook | None = None) -> None:
+                 on_step: StepHook | None = None, tuning: TuningService | None = None) -> None:
         self.manager = manager
         self.history = History(state_dir)
         self.local = LocalFiles(state_dir, base_dir)
@@ -130,6 +135,13 @@ class VersionOwner:
         self._desired = DesiredOutcome()
         self._refusals: dict[str, str] = {}
         """Fleet documents refused, by topic key, with why (reported)."""
+        self._reconfigured: set[str] = set()
+        """Models whose overrides changed (SIGHUP): the serving version is activated again."""
+        self.tuning = tuning
+        self._tune_tasks: dict[str, asyncio.Task[None]] = {}
+        self._tune_errors: dict[str, str] = {}
+        """Why a tuned configuration did not activate (the default serves instead)."""
+        self._tuning_now: set[str] = set()
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -182,6 +194,14 @@ class VersionOwner:
         self._task = asyncio.create_task(self._loop(), name="versions-poll")
 
     async def stop(self) -> None:
+        if self.tuning is not None:
+            self.tuning.cancel()
+        for task in list(self._tune_tasks.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.tuning is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tuning.close)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -196,6 +216,8 @@ class VersionOwner:
         names removed."""
         new = {s.name: s for s in sections}
         removed = [n for n in self._sections if n not in new]
+        self._reconfigured |= {n for n, s in new.items() if n in self._sections
+                               and _overrides(self._sections[n]) != _overrides(s)}
         self._sections = new
         for name in new:
             self.manager.declare(name)
@@ -334,6 +356,9 @@ class VersionOwner:
             # nothing serves yet).
             target = last_good
         outcome = Outcome(decision, serving)
+        if target is not None and target == serving and name in self._reconfigured:
+            serving = None  # the same version, loaded again with the new overrides
+        self._reconfigured.discard(name)
         if target is None or (decision.blocked and target == decision.target) \
                 or target == serving:
             if target is not None and target == serving and self._hist(name).active != target:
@@ -353,21 +378,84 @@ class VersionOwner:
         return outcome
 
     async def _source(self, name: str, version: int) -> ModelSource:
+        """What to load for ``version``: the tuned configuration when a stored tuning result
+        fits this version and box, else :meth:`_default_source`."""
+        source = await self._default_source(name, version)
+        if self.tuning is None:
+            return source
+        try:
+            plan = await self._tuning_plan(name, version, source)
+            result = await self._run(self.tuning.recall, name, plan)
+            if result is None or result.chosen is None or result.chosen == plan.default:
+                return source
+            return await self._candidate_source(name, version, source, result.chosen)
+        except EdgeAgentError as exc:
+            if transient(exc):
+                raise
+            log.warning("model %s: tuning result not used (%s)", name, exc)
+            return source
+
+    async def _candidate_source(self, name: str, version: int, default: ModelSource,
+                                candidate: Any) -> ModelSource:
+        """The source of one tuning candidate (its variant fetched, its provider and threads)."""
+        source = default
+        if not self._sections[name].path and candidate.variant != default.path.name:
+            assert self.hub is not None
+            source = await self.hub.fetch(name, version, variant=candidate.variant)
+        return dataclasses.replace(source, overrides=candidate.overrides, tuned=candidate.id)
+
+    async def _tuning_plan(self, name: str, version: int, default: ModelSource) -> Plan:
+        """The candidate set and key of ``version`` on this box (no download)."""
+        from edgeagent.tuning import VariantFile
+
+        assert self.tuning is not None
         section = self._sections[name]
+        if section.path:
+            info: VariantFile = await self._run(_path_variant, default)
+            return self.tuning.plan(section, [info], info.file)
+        assert self.hub is not None
+        variants = await self._run(self.hub.variants, name, version)
+        wanted = [v for v in variants
+                  if (not section.variant or v.file == section.variant)
+                  and (not section.precision or v.precision == section.precision)]
+        usable, rejected = self.tuning.loadable(wanted)
+        files = [VariantFile(v.file, v.format, v.precision, v.sha256) for v in usable]
+        if default.path.name not in {f.file for f in files}:
+            raise EdgeAgentError(f"the variant serving ({default.path.name}) is not among "
+                                 "those the runtimes here can load")
+        return self.tuning.plan(section, files, default.path.name,
+                                [(v.file, why) for v, why in rejected])
+
+    async def _default_source(self, name: str, version: int) -> ModelSource:
+        """What to load for ``version`` untuned: the file the model's overrides (else the
+        profile) pick, with the overrides' providers and threads."""
+        section = self._sections[name]
+        overrides = PlanOverrides(section.providers, section.threads)
         if section.path:
             sha = self._hist(name).local.get(version, "")
             source: ModelSource = await self._run(self.local.source, name, version, sha)
-            return source
+            return dataclasses.replace(source, precision=section.precision or source.precision,
+                                       overrides=overrides)
         if self.hub is None:
             raise ModelNotFound(f"model {name!r} comes from the hub, and no hub is configured")
-        return await self.hub.fetch(name, version)
+        source = await self.hub.fetch(name, version, variant=section.variant,
+                                      precision=section.precision)
+        return dataclasses.replace(source, overrides=overrides)
 
     async def _activate(self, name: str, version: int, decision: Decision) -> Outcome:
         """The one activation path (the model's lock is held): get, load, check, swap, record."""
         log.info("model %s: activating version %d (%s)", name, version, decision.source)
         try:
             source = await self._source(name, version)
-            await self.manager.load(name, source)
+            try:
+                await self.manager.load(name, source)
+            except EdgeAgentError as exc:
+                if not source.tuned or transient(exc):
+                    raise
+                self._tune_errors[name] = f"tuned {source.tuned} did not activate: {exc}"
+                log.warning("model %s: the tuned configuration did not activate (%s); the "
+                            "default is tried", name, exc)
+                await self.manager.load(name, await self._default_source(name, version))
         except EdgeAgentError as exc:
             serving = self._serving(name)
             if transient(exc):
@@ -388,7 +476,109 @@ class VersionOwner:
             await self._write(lambda s: s.fleet.remember_switch(rollout_id))
         await self._record_active(name, version)
         self._errors.pop(name, None)
+        self._tune_later(name)
         return Outcome(decision, version)
+
+    # ---- tuning -------------------------------------------------------------------------
+
+    def _tune_later(self, name: str) -> None:
+        """After an activation: tune in the background when the model asks for it and no
+        stored result fits (the activated version serves meanwhile)."""
+        if self.tuning is None or not self._sections[name].tune.enabled \
+                or name in self.tuning.results or name in self._tune_tasks:
+            return
+
+        async def run() -> None:
+            try:
+                await self.tune(name)
+            except EdgeAgentError as exc:
+                log.warning("model %s: tuning did not finish: %s", name, exc)
+            finally:
+                self._tune_tasks.pop(name, None)
+
+        self._tune_tasks[name] = asyncio.create_task(run(), name=f"tune {name}")
+
+    async def tune(self, name: str, progress: ProgressHook | None = None) -> TuneResult:
+        """Tune the serving version of ``name`` now (``edgeagent tune``; after an activation),
+        store the result, and switch a better configuration in (:meth:`apply_tuning`).
+
+        Raises:
+            ModelNotFound: unknown; ModelNotReady: nothing serves it; EdgeAgentError: no
+            tuning here, or it is being tuned already.
+        """
+        from edgeagent.errors import ModelNotReady
+
+        section = self.known(name)
+        if self.tuning is None:
+            raise EdgeAgentError("tuning is not available in this agent")
+        if name in self._tuning_now:
+            raise EdgeAgentError(f"model {name!r} is being tuned already")
+        version = self._serving(name)
+        if version is None:
+            raise ModelNotReady(f"model {name!r} is not serving: nothing to tune")
+        self._tuning_now.add(name)
+        try:
+            return await self._tune(name, section, version, progress)
+        finally:
+            self._tuning_now.discard(name)
+
+    async def _tune(self, name: str, section: ModelSection, version: int,
+                    progress: ProgressHook | None) -> TuneResult:
+        assert self.tuning is not None
+        async with self._lock(name):
+            default = await self._default_source(name, version)
+            plan = await self._tuning_plan(name, version, default)
+        files: list[VariantFile] = []
+        for f in plan.files:
+            source: ModelSource | None = default
+            if not section.path and f.file != default.path.name:
+                assert self.hub is not None
+                try:
+                    source = await self.hub.fetch(name, version, variant=f.file)
+                except EdgeAgentError as exc:
+                    log.warning("model %s: variant %s not fetched for tuning: %s", name,
+                                f.file, exc)
+                    source = None
+            files.append(dataclasses.replace(f, source=source))
+        plan = dataclasses.replace(plan, files=tuple(files))
+        result = await self.tuning.search(section, version, plan, progress)
+        await self.apply_tuning(name, version, result)
+        return result
+
+    def tuned_batch(self, name: str) -> int | None:
+        """The batch size the tuned configuration serving ``name`` was measured at (None when
+        no tuned configuration serves)."""
+        if self.tuning is None:
+            return None
+        result = self.tuning.results.get(name)
+        try:
+            tuned = self.manager.get(name).source.tuned
+        except EdgeAgentError:
+            return None
+        if result is None or result.chosen is None or not tuned or tuned != result.chosen.id:
+            return None
+        return result.chosen.batch
+
+    async def apply_tuning(self, name: str, version: int, result: TuneResult) -> bool:
+        """Re-activate the serving ``version`` with the configuration ``result`` chose, under
+        the model's lock, through the one activation path (load, warm-up, checks, swap).
+        Returns whether a new configuration now serves; the old one serves on any failure, or
+        when another version serves by now."""
+        async with self._lock(name):
+            if self._serving(name) != version:
+                log.info("model %s: version %d was tuned, another serves now: not applied",
+                         name, version)
+                return False
+            want = "" if result.chosen is None or result.chosen == result.default \
+                else result.chosen.id
+            if self.manager.get(name).source.tuned == want:
+                return False
+            self._tune_errors.pop(name, None)
+            outcome = await self._activate(name, version,
+                                           Decision(version, "tuning", "tuned configuration"))
+            self._decisions[name] = self.decision(name)
+        self._notify()
+        return outcome.serving == version and not outcome.error
 
     async def _record_active(self, name: str, version: int) -> None:
         await self._write(lambda s: s.model(name).record_active(version, self.keep_versions))
@@ -687,12 +877,23 @@ class VersionOwner:
             "previous": hist.previous,
             "failed": {str(k): v for k, v in sorted(hist.failed.items())},
         }
+        section = self._sections.get(name)
+        if section is not None and (any(_overrides(section)) or section.threads == 0):
+            out["overrides"] = {"providers": list(section.providers),
+                                "precision": section.precision, "variant": section.variant,
+                                "threads": section.threads}
         if decision.blocked:
             out["blocked"] = (f"version {decision.target} failed here before "
                               f"({decision.blocked}); 'edgeagent pull {name}@{decision.target}' "
                               "tries it again")
         if name in self._errors:
             out["error"] = self._errors[name]
+        tuning = self.tuning.describe(name) if self.tuning is not None else None
+        if tuning is not None or name in self._tune_errors:
+            out["tuning"] = {**(tuning or {}), "state": (
+                "running" if tuning and "running" in tuning else "done" if tuning else "failed")}
+            if name in self._tune_errors:
+                out["tuning"]["error"] = self._tune_errors[name]
         if name in self._unloaded:
             out["unloaded"] = True
         return out
@@ -730,6 +931,24 @@ class VersionOwner:
 
     def active_versions(self) -> dict[str, int | None]:
         return {n: self._hist(n).active for n in self.names()}
+
+
+def _path_variant(source: ModelSource) -> VariantFile:
+    """A path model's one file as a tuning variant (blocking: may read the file)."""
+    from edgeagent.runtime.inspect import onnx_precision, sha256_file
+    from edgeagent.runtime.registry import model_format
+    from edgeagent.tuning import VariantFile
+
+    fmt = model_format(source.path)
+    precision = source.precision
+    if precision == "auto":
+        precision = onnx_precision(source.path)[0] if fmt == "onnx" else "fp32"
+    return VariantFile(source.path.name, fmt, precision, source.sha256 or
+                       sha256_file(source.path), source)
+
+
+def _overrides(section: ModelSection) -> tuple[Any, ...]:
+    return (section.providers, section.precision, section.variant, section.threads)
 
 
 def _forget_failure(state: VersionState, name: str, version: int) -> None:

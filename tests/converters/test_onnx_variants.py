@@ -185,7 +185,8 @@ def loaded_precision(path: Path) -> str:
     from edgeagent.runtime.registry import BackendRegistry
 
     async def load() -> str:
-        manager = ModelManager(BackendRegistry(), lambda f, p, s: ProviderPlan(f, p, (), threads=1))
+        manager = ModelManager(BackendRegistry(),
+                               lambda f, p, s, o: ProviderPlan(f, p, (), threads=1))
         try:
             mv = await manager.load("variant", ModelSource(path))
             return mv.precision

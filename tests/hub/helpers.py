@@ -23,7 +23,7 @@ from tests import onnx_models
 SAMPLE = np.random.default_rng(7).standard_normal((2, 1, 4)).astype(np.float32)
 
 
-def cpu_planner(fmt: str, precision: str, sha: str) -> ProviderPlan:
+def cpu_planner(fmt: str, precision: str, sha: str, overrides: object = None) -> ProviderPlan:
     return ProviderPlan(fmt, precision, (PlannedProvider("CPUExecutionProvider"),), threads=1)
 
 

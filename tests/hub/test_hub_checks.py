@@ -48,7 +48,7 @@ def _wait(what: str, cond: Callable[[], bool]) -> None:
         time.sleep(0.05)
 
 
-def planner(fmt: str, precision: str, sha: str) -> ProviderPlan:
+def planner(fmt: str, precision: str, sha: str, overrides: object = None) -> ProviderPlan:
     first = "CPUExecutionProvider" if fmt == "onnx" else "xnnpack"
     return ProviderPlan(fmt, precision, (PlannedProvider(first),), threads=1)
 

@@ -22,7 +22,7 @@ from edgeagent.versions.owner import VersionOwner
 from tests import onnx_models
 
 
-def cpu_planner(fmt: str, precision: str, sha: str) -> ProviderPlan:
+def cpu_planner(fmt: str, precision: str, sha: str, overrides: object = None) -> ProviderPlan:
     return ProviderPlan(fmt, precision, (PlannedProvider("CPUExecutionProvider"),), threads=1)
 
 

@@ -20,7 +20,7 @@ from edgeagent.runtime.registry import BackendRegistry
 from tests import onnx_models
 
 
-def cpu_planner(fmt: str, precision: str, sha: str) -> ProviderPlan:
+def cpu_planner(fmt: str, precision: str, sha: str, overrides: object = None) -> ProviderPlan:
     return ProviderPlan(fmt, precision, (PlannedProvider("CPUExecutionProvider"),), threads=1)
 
 
