@@ -174,7 +174,10 @@ def test_install_writes_unit_and_config_then_keeps_the_config(tmp_path: Path) ->
 
 
 def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["install-service", "--dry-run", "--prefix", str(tmp_path), "--user", "ai"]) == 0
+    # --exec: the test environment's own edgeagent may live under /tmp (a fresh clone), which
+    # the hardened unit could not reach: install-service would rightly refuse it.
+    assert main(["install-service", "--dry-run", "--prefix", str(tmp_path), "--user", "ai",
+                 "--exec", str(EXECUTABLE)]) == 0
     out = capsys.readouterr().out
     assert "# would write " + str(tmp_path / "etc/systemd/system/edgeagent.service") in out
     assert "User=ai" in out
@@ -183,7 +186,8 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_bad_user_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["install-service", "--prefix", str(tmp_path), "--user=-x"]) == 2
+    assert main(["install-service", "--prefix", str(tmp_path), "--user=-x",
+                 "--exec", str(EXECUTABLE)]) == 2
     assert "--user: '-x' is not a valid user name" in capsys.readouterr().err
 
 
