@@ -268,6 +268,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"profile   {prof.get('name')}  ({prof.get('reason')})")
     print(f"http      {status['http']['listen']}"
           f"{'  (token required)' if status['http'].get('token') else ''}")
+    grpc = (status.get("grpc") or {}).get("listen")
+    print(f"grpc      {grpc or 'off'}")
+    if status.get("admin_socket"):
+        print(f"admin     {status['admin_socket']}  (the operator's commands; no token)")
     for line in _hub_lines(status.get("hub") or {}) + _mqtt_lines(status.get("mqtt") or {}):
         print(line)
     print("models:")
