@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeagent.runtime.shm import SharedMemoryError, ShmRef
+from edgeagent.runtime.shm import Leased, SharedMemoryError, ShmRef
 
 #: ``cudaIpcMemHandle_t`` is 64 opaque bytes.
 IPC_HANDLE_BYTES = 64
@@ -126,7 +126,7 @@ def _load() -> CudaRuntime | str:
     return CudaRuntime(lib, driver)
 
 
-class CudaRegion:
+class CudaRegion(Leased):
     """A registered CUDA region: a device pointer opened from a client's IPC handle."""
 
     kind = "cuda"
@@ -138,30 +138,13 @@ class CudaRegion:
         self.byte_size = byte_size
         self._ptr = ptr
         self._cuda = runtime
-        self._leases = 0
-        self._retired = False
-        self._lock = threading.Lock()
+        super().__init__()
 
     def status(self) -> dict[str, object]:
         return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
 
-    def acquire(self) -> None:
-        with self._lock:
-            self._leases += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._leases -= 1
-            close = self._retired and self._leases == 0
-        if close:
-            self._cuda.close(self._ptr)
-
-    def retire(self) -> None:
-        with self._lock:
-            self._retired = True
-            close = self._leases == 0
-        if close:
-            self._cuda.close(self._ptr)
+    def _close(self) -> None:
+        self._cuda.close(self._ptr)
 
     def _check(self, ref: ShmRef, what: str) -> None:
         if ref.offset < 0 or ref.byte_size < 0 or ref.offset + ref.byte_size > self.byte_size:

@@ -81,26 +81,14 @@ class MemoryRegion(Protocol):
     def write(self, ref: ShmRef, data: np.ndarray, what: str) -> None: ...
 
 
-class Region:
-    """One registered region: an open descriptor and a mapping of ``[0, offset + byte_size)``."""
+class Leased:
+    """A region's life: requests hold leases; taken out of the registry (:meth:`retire`), it is
+    closed once the last lease ends. Subclasses say how to close (:meth:`_close`)."""
 
-    kind = "system"
-
-    def __init__(self, name: str, key: str, *, offset: int, byte_size: int, fd: int,
-                 mapping: mmap.mmap) -> None:
-        self.name = name
-        self.key = key
-        self.offset = offset
-        self.byte_size = byte_size
-        self._fd = fd
-        self._mmap = mapping
+    def __init__(self) -> None:
         self._leases = 0
         self._retired = False
         self._lock = threading.Lock()
-
-    def status(self) -> dict[str, object]:
-        return {"name": self.name, "key": self.key, "offset": self.offset,
-                "byte_size": self.byte_size}
 
     def acquire(self) -> None:
         with self._lock:
@@ -120,6 +108,29 @@ class Region:
             close = self._leases == 0
         if close:
             self._close()
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class Region(Leased):
+    """One registered region: an open descriptor and a mapping of ``[0, offset + byte_size)``."""
+
+    kind = "system"
+
+    def __init__(self, name: str, key: str, *, offset: int, byte_size: int, fd: int,
+                 mapping: mmap.mmap) -> None:
+        self.name = name
+        self.key = key
+        self.offset = offset
+        self.byte_size = byte_size
+        self._fd = fd
+        self._mmap = mapping
+        super().__init__()
+
+    def status(self) -> dict[str, object]:
+        return {"name": self.name, "key": self.key, "offset": self.offset,
+                "byte_size": self.byte_size}
 
     def _close(self) -> None:
         # Views handed out (numpy arrays over the mapping) may outlive the lease in a
