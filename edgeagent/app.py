@@ -92,7 +92,6 @@ class Agent:
         self._draining = False
         self.fleet: FleetLink | None = None
         self.device_id = device_id(config, root)
-        self._served_before: dict[str, int | None] = {}
         self._run_lock: int | None = None
         # Built in start(), once the device profile (the hub's variant choice) is known.
         self.owner = VersionOwner(self.manager, self.state_dir, base, device_id=self.device_id,
@@ -200,7 +199,6 @@ class Agent:
         await self._start_grpc()
         await self._start_metrics()
         await self._start_mqtt()  # last: the fleet sees the agent once it serves
-        self._served_before = {m.name: self._version_of(m.name) for m in models}
         ready = [m.name for m in models if self.manager.ready(m.name)]
         waiting = [m.name for m in models if m.name not in ready]
         log.info("ready: serving %d of %d model(s)%s, HTTP on %s, admin channel %s",
@@ -322,17 +320,17 @@ class Agent:
             grace: Any = config.agent.shutdown_grace_s
             server.config.timeout_graceful_shutdown = grace
         models = self._models()
+        before = {m.name: self._version_of(m.name) for m in models}
         self.scheduler.configure(self._limits())
         await self.owner.configure(models)
         outcomes = [(m.name, await self.owner.converge(m.name)) for m in models]
+        # Models whose version changed without a change in their section (a replaced file).
         changed = tuple(n for n, o in outcomes
                         if n not in plan.load and o.decision.target is not None
                         and o.serving == o.decision.target and o.error == ""
-                        and o.serving != self._served_before.get(n))
+                        and o.serving != before.get(n))
         _ok, failed = summary((n, o) for n, o in outcomes if n in plan.load or o.error)
-        plan = dataclasses.replace(plan, load=plan.load + changed, failed=tuple(failed))
-        self._served_before = {m.name: self._version_of(m.name) for m in models}
-        return plan
+        return dataclasses.replace(plan, load=plan.load + changed, failed=tuple(failed))
 
     def _version_of(self, name: str) -> int | None:
         try:

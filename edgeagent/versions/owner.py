@@ -623,8 +623,6 @@ class VersionOwner:
                 # An explicit load tries a failed target once more.
                 target = decision.target
                 await self._write(lambda s: _forget_failure(s, name, target))
-            if self._serving(name) is None:
-                self.manager.declare(name)
             outcome = await self._converge(name)
         if outcome.serving is None:
             why = outcome.error or f"waiting for {outcome.decision.source}"
