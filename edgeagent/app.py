@@ -42,6 +42,7 @@ from edgeagent.device.plan import (
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import EdgeAgentError
 from edgeagent.runtime.manager import ModelManager
+from edgeagent.runtime.memory import HeapTrimmer
 from edgeagent.runtime.registry import BackendRegistry
 from edgeagent.runtime.scheduler import InferenceScheduler, ModelLimits
 from edgeagent.service.reload import ReloadPlan, plan_reload
@@ -98,7 +99,8 @@ class Agent:
                                   groups=config.agent.tags, keep_versions=config.hub.keep_versions,
                                   poll_interval_s=config.hub.poll_interval_s)
         self.services = Services(config, self.manager, self.scheduler, self.owner, self.token,
-                                 self.status, lambda: self._draining, root=root)
+                                 self.status, lambda: self._draining, root=root,
+                                 trimmer=HeapTrimmer(release=self.manager.release_memory))
         self.metrics_token = read_metrics_token(config, self.token)
         self._metrics: MetricsListener | None = None
 

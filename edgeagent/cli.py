@@ -38,6 +38,9 @@ def _load(args: argparse.Namespace, warn: bool = True) -> AgentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edgeagent.runtime.memory import limit_malloc_arenas
+
+    limit_malloc_arenas(os.environ)  # before any thread of the agent exists
     from edgeagent.app import Agent
     from edgeagent.service.lifecycle import Service, run_loop
     from edgeagent.service.logs import setup_logging

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from edgeagent.api.dataplane import DataPlane
 from edgeagent.api.errors import BadRequest, Forbidden, Unauthorized, status_of
 from edgeagent.api.grpc_codec import decode_infer, encode_infer
+from edgeagent.api.grpc_messages import model_config_pb2, service_pb2, service_pb2_grpc
 from edgeagent.api.infer import parse_version
 from edgeagent.api.triton import server_metadata
 from edgeagent.errors import EdgeAgentError

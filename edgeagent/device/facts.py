@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
@@ -23,6 +24,7 @@ import logging
 import os
 import platform
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -287,8 +289,8 @@ def detect_runtimes(nvml: bool = True) -> RuntimeFacts:
     """
     return RuntimeFacts(
         ort_providers=_ort_providers(),
-        litert=_importable("ai_edge_litert.interpreter"),
-        tflite_runtime=_importable("tflite_runtime.interpreter"),
+        litert=module_installed("ai_edge_litert.interpreter"),
+        tflite_runtime=module_installed("tflite_runtime.interpreter"),
         nvml_gpus=_nvml_gpus() if nvml else None,
         packages=installed_packages(),
     )
@@ -544,16 +546,28 @@ def _procfs_gpus(root: Path) -> tuple[GpuInfo, ...]:
 # --- runtime detection --------------------------------------------------------------------------
 
 
-def _importable(module: str) -> bool:
-    # find_spec imports only the parent package (small __init__ files), not the interpreter.
+def module_installed(module: str) -> bool:
+    """Whether ``package.module`` can be imported, without importing either: the parent is
+    looked up, not run (``ai_edge_litert``'s ``__init__`` loads its 11 MB runtime library,
+    which a box serving only ONNX models should not carry), then the submodule is looked up in
+    the parent's folders."""
+    parent, _, child = module.rpartition(".")
     try:
-        return importlib.util.find_spec(module) is not None
+        if not parent:
+            return importlib.util.find_spec(module) is not None
+        if parent in sys.modules:
+            return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(parent)
+        if spec is None or spec.submodule_search_locations is None:
+            return False
+        found = importlib.machinery.PathFinder.find_spec(child, spec.submodule_search_locations)
+        return found is not None
     except (ImportError, ValueError):
         return False
 
 
 def _ort_providers() -> tuple[str, ...] | None:
-    if not _importable("onnxruntime"):
+    if not module_installed("onnxruntime"):
         return None
     try:
         ort = importlib.import_module("onnxruntime")

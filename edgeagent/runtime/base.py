@@ -120,6 +120,14 @@ class LoadedModel(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most runtimes free on GC
         """Release the runtime's resources."""
 
+    def release_memory(self, inputs: Mapping[str, np.ndarray]) -> None:  # noqa: B027
+        """Hand back the runtime's cached free memory (an optional hook; most keep none).
+
+        Called after the load (warm-up and checks) and once a burst of large requests has
+        passed, never on the request path; ``inputs`` are valid inputs, should the runtime
+        need a run to do it.
+        """
+
     @property
     def fallback_reason(self) -> str:
         """Why the first planned provider is not the one in use ('' when it is)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeagent.device.facts import module_installed
 from edgeagent.errors import (
     BackendUnavailable,
     InferenceError,
@@ -190,6 +191,24 @@ class LiteRTBackend(Backend):
 
     def __init__(self, modules: Sequence[tuple[str, str]] = INTERPRETER_MODULES) -> None:
         self._module, self._distribution = _import_interpreter(modules)
+
+    @staticmethod
+    def probe(modules: Sequence[tuple[str, str]] = INTERPRETER_MODULES) -> dict[str, object]:
+        """The status of the backend before any TFLite model needed it: the first interpreter
+        module that is installed, found without importing it (``loaded: false``). Whether it
+        also imports (tflite-runtime wheels built for NumPy 1 do not under NumPy 2) shows when
+        the first model loads."""
+        for module_name, distribution in modules:
+            if module_installed(module_name):
+                try:
+                    version = importlib.metadata.version(distribution)
+                except importlib.metadata.PackageNotFoundError:
+                    version = "unknown"
+                return {"available": True, "backend": "litert", "loaded": False,
+                        "litert": version, "distribution": f"{distribution} {version}"}
+        return {"available": False, "loaded": False, "hint": INSTALL_HINT,
+                "reason": "no interpreter module is installed ("
+                          + ", ".join(m for m, _ in modules) + ")"}
 
     def versions(self) -> dict[str, str]:
         try:

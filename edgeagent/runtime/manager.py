@@ -131,6 +131,10 @@ class ModelVersion:
             if self._leases == 0:
                 self.model.close()
 
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
@@ -256,8 +260,10 @@ class ModelManager:
         try:
             if why == "pending":
                 precision, why = _tflite_precision(model)
-            model.run(model.validate(_warmup_inputs(model)))
+            warm = model.validate(_warmup_inputs(model))
+            model.run(warm)
             run_checks(model, source.checks)
+            model.release_memory(warm)
         except EdgeAgentError as exc:
             model.close()
             raise ModelError(f"{name} version {source.version}: {exc}") from exc
@@ -358,6 +364,26 @@ class ModelManager:
         finally:
             with self._running_lock:
                 del self._running[ticket]
+
+    def release_memory(self) -> None:
+        """Hand back what the runtimes and the C heap keep cached after a burst of large
+        requests (:class:`~edgeagent.runtime.memory.HeapTrimmer` calls it from a worker
+        thread once the burst has passed): each active version's runtime first (onnxruntime's
+        arena, with one run of its warm-up inputs), then the heap."""
+        for slot in list(self._slots.values()):
+            mv = slot.active
+            if mv is None:
+                continue
+            mv.acquire()  # a swap cannot close it under the run
+            try:
+                if not mv.retired:
+                    mv.model.release_memory(mv.model.validate(_warmup_inputs(mv.model)))
+            except EdgeAgentError as exc:
+                log.warning("model %s version %d: releasing memory failed: %s",
+                            mv.name, mv.version, exc)
+            finally:
+                mv.release()
+        release_free_heap()
 
     def oldest_running_s(self) -> float:
         """Age of the longest-running inference (0 when idle): a stuck worker shows here."""

@@ -60,6 +60,7 @@ class OnnxModel(LoadedModel):
         self.attempts = attempts
         self.provider = session.get_providers()[0]
         self._output_names = [o.name for o in self.outputs]
+        self._shrinks = True
 
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
@@ -71,6 +72,25 @@ class OnnxModel(LoadedModel):
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeError
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
         return dict(zip(names, results, strict=True))
+
+    def release_memory(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """One run that ends by shrinking the CPU arena: onnxruntime keeps every chunk its
+        arena ever grew to (measured on the benchmark CNN: 20 MB held after load and warm-up,
+        35 MB more after four concurrent callers), and gives them back only at the end of a
+        run that asks for it (``memory.enable_memory_arena_shrinkage``)."""
+        if not self._shrinks:
+            return
+        import onnxruntime  # loaded already: this session came from it
+
+        options = onnxruntime.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        feeds = {k: _as_text(k, v) if v.dtype == object else v for k, v in inputs.items()}
+        try:
+            self._session.run(self._output_names[:1], feeds, options)
+        except Exception as exc:  # never fatal: the memory stays cached, the model serves
+            self._shrinks = False
+            log.warning("cannot release onnxruntime's arena (not tried again for this "
+                        "version): %s", exc)
 
     def close(self) -> None:
         # Dropping the only reference frees the session (and its GPU memory) promptly.

@@ -76,9 +76,23 @@ class BackendRegistry:
             return backend
 
     def status(self) -> dict[str, dict[str, object]]:
-        """Per format: whether a backend is available, its versions, or why not."""
+        """Per format: whether a backend is available, its versions, or why not.
+
+        A backend no model has needed yet is described without being created where its class
+        can tell from what is installed (``probe``): reading the status must not load a
+        runtime (LiteRT's import alone maps 11 MB into a box that serves only ONNX models).
+        """
         out: dict[str, dict[str, object]] = {}
         for fmt in self._specs:
+            with self._lock:
+                made = fmt in self._made
+            if not made:
+                module_name, cls_name = self._specs[fmt]
+                probe = getattr(getattr(importlib.import_module(module_name), cls_name),
+                                "probe", None)
+                if probe is not None:
+                    out[fmt] = probe()
+                    continue
             try:
                 backend = self.for_format(fmt)
             except BackendUnavailable as exc:

@@ -17,13 +17,15 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.errors import BrokerError
 from edgeagent.runtime.stats import ModelStats
 from edgeagent.telemetry.mqtt import MqttClient, Will
-from edgeagent.telemetry.spool import Spool, SpoolStats
 from edgeagent.telemetry.topics import Topics
+
+if TYPE_CHECKING:  # the spool (and sqlite3) is imported only where MQTT is configured
+    from edgeagent.telemetry.spool import Spool, SpoolStats
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,53 @@
+"""Triton's generated gRPC messages (``model_config_pb2``, ``service_pb2``,
+``service_pb2_grpc`` from ``tritonclient.grpc``), imported without the client around them.
+
+``import tritonclient.grpc`` runs the package's ``__init__``, which brings Triton's whole client
+(its numpy and dtype helpers, ``rapidjson``, ``ml_dtypes``, the plugin machinery): about 3 MB of
+resident memory a server never uses. The three generated modules need nothing of it, so they
+are imported under a bare package object standing in for ``tritonclient.grpc`` and kept in
+``sys.modules`` under their own names; the stand-in is removed at once, so a later ``import
+tritonclient.grpc`` (an application embedding the agent, the test suite) runs the real
+``__init__``, which finds the same modules already loaded (one descriptor pool, one set of
+message classes). Where the real package is already imported it is simply used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import Any
+
+_PACKAGE = "tritonclient.grpc"
+_MODULES = ("model_config_pb2", "service_pb2", "service_pb2_grpc")
+
+
+def _import() -> tuple[Any, ...]:
+    if _PACKAGE in sys.modules:
+        return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
+    spec = importlib.util.find_spec(_PACKAGE)  # imports `tritonclient` (an empty __init__) only
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(f"{_PACKAGE} is not installed (pip install 'tritonclient[grpc]')")
+    bare = types.ModuleType(_PACKAGE)
+    bare.__path__ = list(spec.submodule_search_locations)
+    bare.__spec__ = spec
+    # Another thread importing tritonclient.grpc meanwhile would get the stand-in: hold the
+    # interpreter's import lock (re-entrant for this thread) while it is in sys.modules.
+    import _imp
+
+    _imp.acquire_lock()
+    try:
+        if _PACKAGE in sys.modules:  # imported for real while we looked
+            return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
+        sys.modules[_PACKAGE] = bare
+        try:
+            return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
+        finally:
+            if sys.modules.get(_PACKAGE) is bare:
+                del sys.modules[_PACKAGE]
+    finally:
+        _imp.release_lock()
+
+
+model_config_pb2, service_pb2, service_pb2_grpc = _import()
