@@ -7,7 +7,8 @@ Usage::
     python -m benchmarks.c1_listen [--requests N] [--rounds R]
 
 It answers two questions the main benchmark leaves open: how much of the c1 gap to in-process
-is the client's (its CPU here against geventhttpclient's), and whether local apps gain anything
+is the client's (its CPU here against geventhttpclient's, before the main benchmark took
+the same client), and whether local apps gain anything
 from ``http.listen = "unix:..."``. Each round starts one agent per listen kind, alternating, and
 prints requests per second and the client's CPU per request; the in-process baseline is the
 same model in the same process, as in ``benchmarks.run``.
@@ -27,7 +28,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.models import cnn
-from benchmarks.run import THREADS, _free_port, _input, request_body, write_config
+from benchmarks.run import (
+    THREADS,
+    ThinConnection,
+    _free_port,
+    _input,
+    request_body,
+    write_config,
+)
 
 
 @contextlib.contextmanager
@@ -69,23 +77,9 @@ def _agent(work: Path, model: Path, listen: str) -> Iterator[Callable[[], socket
 def _measure(connect: Callable[[], socket.socket], requests: int) -> tuple[float, float]:
     """Requests per second and client CPU microseconds per request, after a warm-up."""
     body, headers = request_body("cnn", "binary")
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    wire = (f"POST /v2/models/cnn/infer HTTP/1.1\r\nHost: edgeagent\r\n{head}"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    with connect() as s:
-        def one() -> None:
-            s.sendall(wire)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                buf += s.recv(65536)
-            status, _, rest = buf.partition(b"\r\n\r\n")
-            if not status.startswith(b"HTTP/1.1 200"):
-                raise SystemExit(f"the agent answered {status[:200]!r}")
-            length = next(int(line.split(b":")[1]) for line in status.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            while len(rest) < length:
-                rest += s.recv(65536)
-
+    conn = ThinConnection(connect, "/v2/models/cnn/infer", body, headers)
+    one = conn.call
+    with contextlib.closing(conn):
         for _ in range(max(20, requests // 10)):
             one()
         cpu, start = os.times(), time.perf_counter()

@@ -291,6 +291,18 @@ class BatchQueue:
         self._pending = [i for i in self._pending if id(i) not in taken and not i.future.done()]
         return chosen
 
+    async def _run(self, version: ModelVersion, inputs: list[dict[str, np.ndarray]],
+                   rows: list[int], output_names: Sequence[str] | None,
+                   ) -> tuple[list[Outputs], BatchTimes]:
+        """:func:`run_batch` in the inference pool, or on the loop for a tiny model whose
+        runs are predicted shorter than the hand-off (as the direct path decides)."""
+        nbytes = sum(a.nbytes for arrays in inputs for a in arrays.values())
+        if version.runs_inline(nbytes):
+            return run_batch(version.model, inputs, rows, output_names)
+        result: tuple[list[Outputs], BatchTimes] = await version.run_off_loop(
+            self._run_in_worker, run_batch, version.model, inputs, rows, output_names)
+        return result
+
     async def _execute(self, batch: list[BatchItem]) -> None:
         version = batch[0].version
         rows = [item.rows for item in batch]
@@ -300,9 +312,8 @@ class BatchQueue:
         version.acquire()
         times = None
         try:
-            results, times = await self._run_in_worker(
-                run_batch, version.model, [item.arrays for item in batch], rows,
-                batch[0].output_names)
+            results, times = await self._run(version, [item.arrays for item in batch], rows,
+                                             batch[0].output_names)
         except Exception as exc:
             for item in batch:
                 if not item.future.done():

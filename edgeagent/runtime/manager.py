@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,7 @@ class ModelVersion:
         self.model = model
         self.loaded_at = time.time()
         self._leases = 0
+        self._in_worker = 0  # runs of this version in a worker thread now (the loop's count)
         self._retired = False
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -104,12 +105,23 @@ class ModelVersion:
         hand-off.
 
         Per byte of input is conservative: a run's fixed cost, spread over a bigger input,
-        predicts too long a run, never too short. Only the caller's own lease may be held:
-        another request in flight on this version may be running in a worker, and a backend
-        that serialises runs (LiteRT) would make the event loop wait for it.
+        predicts too long a run, never too short. No run of this version may be in a worker
+        meanwhile: a backend that serialises runs (LiteRT) would make the event loop wait for
+        it. (Requests merely queued or holding a lease do not count: only the loop runs
+        inline, one at a time.)
         """
         rate = self.ns_per_byte
-        return rate is not None and self._leases == 1 and rate * nbytes < INLINE_RUN_NS
+        return rate is not None and self._in_worker == 0 and rate * nbytes < INLINE_RUN_NS
+
+    async def run_off_loop(self, run_in_worker: Callable[..., Awaitable[Any]],
+                           fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, counted so that :meth:`runs_inline` never puts a
+        run on the event loop while another one of this version is in a worker."""
+        self._in_worker += 1
+        try:
+            return await run_in_worker(fn, *args)
+        finally:
+            self._in_worker -= 1
 
     def acquire(self) -> None:
         with self._lock:
@@ -350,7 +362,8 @@ class ModelManager:
             nbytes = sum(a.nbytes for a in arrays.values())
             if mv.runs_inline(nbytes):
                 return mv, mv.timed_run(arrays, output_names, nbytes)
-            outputs = await self.run_in_worker(mv.timed_run, arrays, output_names, nbytes)
+            outputs = await mv.run_off_loop(self.run_in_worker, mv.timed_run, arrays,
+                                            output_names, nbytes)
             return mv, outputs
 
     async def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -339,3 +339,49 @@ def test_swap_mid_stream_answers_each_request_from_one_whole_version(tmp_path: P
         await finish(mgr)
 
     asyncio.run(go())
+
+
+def test_a_tiny_model_s_batches_run_on_the_loop_unless_a_run_is_in_a_worker(
+        tmp_path: Path, gated_registry: BackendRegistry) -> None:
+    """The batcher decides where a batch runs as the direct path does: a tiny model's batch
+    on the event loop (the hop to a worker costs more than the run), any batch in a worker
+    while another run of the version is in one."""
+    async def go() -> None:
+        GatedBackend.gate.set()
+        mgr, sched = await serving(
+            gated_file(tmp_path, "x2", 2.0),
+            ModelLimits(max_batch_size=8, max_queue_delay_ms=0, max_concurrency=2),
+            registry=gated_registry)
+        model, mv = GatedBackend.made[-1], mgr.get("m")
+        loop_thread = threading.current_thread()
+        mv.ns_per_byte = 1.0  # predicted a few ns: inline
+        xs = [np.full(2, k, np.float32) for k in (1, 2, 3)]
+        runs = len(model.threads)
+        results = await queued(sched, [sched.infer("m", {"x": x}) for x in xs])
+        for x, (_, out) in zip(xs, results, strict=True):  # type: ignore[misc]
+            np.testing.assert_array_equal(out["y"], x * 2)
+        assert model.threads[runs:] == [loop_thread]  # one batch of three, on the loop
+
+        GatedBackend.gate.clear()
+        mv.ns_per_byte = 1e6  # this one to a worker, where it waits for the gate
+        slow = asyncio.create_task(sched.infer("m", {"x": np.ones(2, np.float32)}))
+        while len(model.threads) == runs + 1:
+            await asyncio.sleep(0.005)
+        mv.ns_per_byte = 1.0
+        lane = sched._lane("m")
+        await lane.running.acquire()  # the other slot: the three queue for the batcher
+        batch = [asyncio.create_task(sched.infer("m", {"x": x})) for x in xs]
+        while sched.queue_depth("m") < 3:
+            await asyncio.sleep(0)
+        lane.running.release()
+        while len(model.threads) == runs + 2:
+            await asyncio.sleep(0.005)
+        assert model.threads[-1] is not loop_thread
+        GatedBackend.gate.set()
+        await slow
+        for x, task in zip(xs, batch, strict=True):
+            _, out = await task
+            np.testing.assert_array_equal(out["y"], x * 2)
+        await finish(mgr)
+
+    asyncio.run(go())

@@ -205,8 +205,22 @@ def test_tiny_runs_stay_on_the_loop_and_the_rest_go_to_workers(
         assert mv.ns_per_byte is not None
         mv.ns_per_byte = 1.0  # 8 bytes of input: predicted 8 ns
         assert await ran_on() is loop_thread
-        with mgr.lease("m"):  # another request in flight: it may be running in a worker
-            assert await ran_on() is not loop_thread
+        with mgr.lease("m"):  # another request holding the version, not running: no matter
+            assert await ran_on() is loop_thread
+        # Another run of this version in a worker: a backend that serialises runs would make
+        # the loop wait for it, so the tiny one goes to a worker too.
+        GatedBackend.gate.clear()
+        mv.ns_per_byte = 1e6  # predicted 8 ms: to a worker, where it waits for the gate
+        runs = len(model.threads)
+        slow = asyncio.ensure_future(mgr.infer("m", {"x": x}))
+        while len(model.threads) == runs:  # until the slow run is in its worker
+            await asyncio.sleep(0.005)
+        mv.ns_per_byte = 1.0
+        tiny = asyncio.ensure_future(ran_on())
+        await asyncio.sleep(0.05)
+        GatedBackend.gate.set()
+        assert await tiny is not loop_thread
+        await slow
         mv.ns_per_byte = 1e6  # predicted 8 ms
         assert await ran_on() is not loop_thread
         await mgr.close()
