@@ -98,9 +98,10 @@ class Case:
     """Throughput over the best in-process throughput of the same model (in-process runs
     beyond the core count only oversubscribe the CPU, so the best is the fair baseline)."""
     paired_ratio: float | None = None
-    """CNN rows at concurrency 1: throughput over in-process c1 measured just before this
-    case, for the same duration. The box's speed drifts by 10-15 % over a run (other tenants,
-    clocks), more than the gaps the c1 targets are about; the targets use this ratio."""
+    """CNN rows at concurrency 1: the agent's rate over in-process c1, measured after the case
+    in alternating half-second segments (8 rounds, ABBA). The box's speed drifts by 10-15 %
+    over minutes (other tenants, clocks), more than the gaps the c1 targets are about; the
+    targets use this ratio."""
     client_cpu_us: float | None = None
     """Client CPU time per request (microseconds): what the load generator itself costs."""
     server_cpu_us: float = 0.0
@@ -375,27 +376,25 @@ def check_outputs(port: int, model: str, reference: np.ndarray) -> None:
 
 
 def drive(running: RunningAgent, model: str, protocol: str, *, concurrency: int,
-          budget: Budget, target: str) -> Case:
+          budget: Budget, target: str, pair_with: Callable[[], None] | None = None) -> Case:
     """One case: closed-loop load over HTTP or gRPC, tensors in the request or in shared
     memory; shared memory answers are checked against the in-process output."""
     pid = running.process.pid
-    if not protocol.startswith("shm-"):
-        return (drive_grpc(pid, running.grpc_port, model, protocol, concurrency=concurrency,
-                           budget=budget, target=target) if protocol == "grpc"
-                else drive_http(pid, running.port, model, protocol, concurrency=concurrency,
-                                budget=budget, target=target))
-    with shared_memory(running.port, model) as out_region:
-        if protocol == "shm-grpc":
+    with contextlib.ExitStack() as stack:
+        out_region = (stack.enter_context(shared_memory(running.port, model))
+                      if protocol.startswith("shm-") else None)
+        if protocol in ("grpc", "shm-grpc"):
             case = drive_grpc(pid, running.grpc_port, model, protocol, concurrency=concurrency,
-                              budget=budget, target=target)
+                              budget=budget, target=target, pair_with=pair_with)
         else:
             case = drive_http(pid, running.port, model, protocol, concurrency=concurrency,
-                              budget=budget, target=target)
-        shape = (1, OUTPUT_BYTES[model] // 4)
-        got = shm.get_contents_as_numpy(out_region, np.float32, shape)
-        if not np.allclose(got, REFERENCE_OUTPUTS[model], rtol=1e-5, atol=1e-5):
-            raise SystemExit(f"{model} {protocol}: the output in shared memory differs from "
-                             "in-process")
+                              budget=budget, target=target, pair_with=pair_with)
+        if out_region is not None:
+            shape = (1, OUTPUT_BYTES[model] // 4)
+            got = shm.get_contents_as_numpy(out_region, np.float32, shape)
+            if not np.allclose(got, REFERENCE_OUTPUTS[model], rtol=1e-5, atol=1e-5):
+                raise SystemExit(f"{model} {protocol}: the output in shared memory differs "
+                                 "from in-process")
     return case
 
 
@@ -404,7 +403,8 @@ REFERENCE_OUTPUTS: dict[str, np.ndarray] = {}
 
 
 def drive_grpc(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
-               budget: Budget, target: str) -> Case:
+               budget: Budget, target: str, pair_with: Callable[[], None] | None = None,
+               ) -> Case:
     """Closed-loop load from ``concurrency`` threads, one channel each, the request message
     serialised once and sent as bytes (as the HTTP rows send a pre-encoded body; serialising
     the CNN's 600 KB message costs the client ~240 us per request here); the last answer is
@@ -432,6 +432,8 @@ def drive_grpc(agent_pid: int, port: int, model: str, protocol: str, *, concurre
         case = _measure(agent_pid, model, protocol, concurrency=concurrency, budget=budget,
                         target=target, load=lambda: _closed_loop(
                             call, concurrency, budget, _thread, _join_threads))
+        if pair_with is not None:
+            case.paired_ratio = _interleaved(call, pair_with)
     finally:
         for c in channels:
             c.close()
@@ -529,15 +531,19 @@ def _select_loop(connections: list[ThinConnection], budget: Budget,
 
 
 def drive_http(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
-               budget: Budget, target: str) -> Case:
+               budget: Budget, target: str, pair_with: Callable[[], None] | None = None,
+               ) -> Case:
     """Closed-loop load from one thread, one :class:`ThinConnection` per concurrent caller."""
     body, headers = request_body(model, protocol)
     path = f"/v2/models/{model}/infer"
     connections = [ThinConnection(lambda: socket.create_connection(("127.0.0.1", port), 10),
                                   path, body, headers) for _ in range(concurrency)]
     try:
-        return _measure(agent_pid, model, protocol, concurrency=concurrency, target=target,
+        case = _measure(agent_pid, model, protocol, concurrency=concurrency, target=target,
                         load=lambda: _select_loop(connections, budget), budget=budget)
+        if pair_with is not None:
+            case.paired_ratio = _interleaved(connections[0].call, pair_with)
+        return case
     finally:
         for conn in connections:
             conn.close()
@@ -608,10 +614,8 @@ def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
         for model in paths:
             check_outputs(running.port, model, reference[model])
         for model, protocol, concurrency in UNBATCHED:
-            paired = _paired_baseline(paths, model, concurrency, budget)
             case = drive(running, model, protocol, concurrency=concurrency, budget=budget,
-                         target="agent")
-            _pair(case, paired)
+                         target="agent", pair_with=_baseline_call(paths, model, concurrency))
             cases.append(case)
             _progress(case)
         time.sleep(2.0)  # the load has passed
@@ -621,10 +625,9 @@ def through_agent(work: Path, paths: dict[str, Path], budget: Budget,
             check_outputs(running.port, model, reference[model])
         for model, protocol, concurrency in BATCHED:
             before = agent_stats(running.port).get(model, {})
-            paired = _paired_baseline(paths, model, concurrency, budget)
             case = drive(running, model, protocol, concurrency=concurrency, budget=budget,
-                         target="agent+batching")
-            _pair(case, paired)
+                         target="agent+batching",
+                         pair_with=_baseline_call(paths, model, concurrency))
             case.batch_sizes = _batch_delta(before, agent_stats(running.port).get(model, {}))
             cases.append(case)
             _progress(case)
@@ -636,22 +639,35 @@ def _baseline_session(path: Path) -> Any:
     return _session(path)
 
 
-def _paired_baseline(paths: dict[str, Path], model: str, concurrency: int,
-                     budget: Budget) -> float | None:
-    """In-process c1 throughput of the CNN, measured now (the agent idle meanwhile), for the
-    :attr:`Case.paired_ratio` of the case that follows; None for other cases."""
+def _baseline_call(paths: dict[str, Path], model: str,
+                   concurrency: int) -> Callable[[], None] | None:
+    """One in-process inference of the CNN, to pair c1 cases with (None for other cases)."""
     if model != "cnn" or concurrency != 1:
         return None
     session = _baseline_session(paths[model])
     name, _, out = MODELS[model]
-    lat, elapsed, _ = _closed_loop(functools.partial(session.run, [out], {name: _input(model)}),
-                                   1, budget, _thread, _join_threads)
-    return len(lat) / elapsed
+    return functools.partial(session.run, [out], {name: _input(model)})
 
 
-def _pair(case: Case, baseline: float | None) -> None:
-    if baseline:
-        case.paired_ratio = round(case.throughput / baseline, 3)
+def _interleaved(agent_call: Callable[[], None], baseline: Callable[[], None], *,
+                 rounds: int = 8, seconds: float = 0.5) -> float:
+    """The agent's c1 rate over in-process's, in alternating short segments (ABBA order) so
+    that the box's drift falls on both alike: the :attr:`Case.paired_ratio`."""
+    counts = {"agent": [0, 0.0], "baseline": [0, 0.0]}
+    calls = {"agent": agent_call, "baseline": baseline}
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    for i in range(rounds):
+        for key in ("agent", "baseline") if i % 2 == 0 else ("baseline", "agent"):
+            fn, n, start = calls[key], 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                fn()
+                n += 1
+            counts[key][0] += n
+            counts[key][1] += time.perf_counter() - start
+    (a_n, a_t), (b_n, b_t) = counts["agent"], counts["baseline"]
+    return round((a_n / a_t) / (b_n / b_t), 3)
 
 
 # ---- report -----------------------------------------------------------------------------
