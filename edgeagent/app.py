@@ -249,6 +249,7 @@ class Agent:
             # httptools (C) parses ~20 % faster than h11; it bounds no request head of its own,
             # so the protocol class does (431; complete heads are checked by RequestGuard).
             http=bounded_protocol(self.config.http),
+            ws="none",  # no WebSocket routes: uvicorn's "auto" would import websockets (~2 MB)
             timeout_graceful_shutdown=grace,
             **kwargs,
         )

@@ -15,11 +15,13 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from edgeagent.config import AgentConfig, read_token
 from edgeagent.errors import EdgeAgentError
+
+if TYPE_CHECKING:
+    import httpx
 
 ADMIN_SOCKET = "admin.sock"
 
@@ -57,6 +59,8 @@ def local_client(config: AgentConfig, timeout: float,
         ConfigError: the token file cannot be read, or the configuration could not be served
             as it stands (see :func:`~edgeagent.config.read_token`).
     """
+    import httpx  # the operator's commands only: the agent itself never needs the client
+
     env = os.environ if env is None else env
     admin = admin_socket_path(config, env)
     if _socket_answers(admin):

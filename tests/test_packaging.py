@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import zipfile
@@ -67,6 +68,45 @@ print(','.join(heavy))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO)
     assert out.stdout.strip() == "", f"imported without a hub or broker: {out.stdout}"
+
+
+def test_a_running_agent_loads_only_what_its_configuration_needs(tmp_path: Path) -> None:
+    """Started for real (gRPC on, no hub, no broker, no .tflite model) and asked for its
+    status, the agent has not loaded LiteRT (11 MB), Triton's client package (its gRPC
+    messages come without it), the HTTP client, WebSockets or the hub's TUF stack
+    (docs/decisions.md, "Memory that comes back")."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        http_port, grpc_port = a.getsockname()[1], b.getsockname()[1]
+    from tests import onnx_models
+
+    model = onnx_models.mlp(tmp_path / "mlp.onnx")
+    code = f"""
+import asyncio, sys
+from edgeagent.app import Agent
+from edgeagent.config import parse_config
+config = parse_config({{"agent": {{"state_dir": {str(tmp_path / "state")!r}}},
+                        "http": {{"listen": "127.0.0.1:{http_port}"}},
+                        "grpc": {{"listen": "127.0.0.1:{grpc_port}"}},
+                        "models": [{{"name": "mlp", "path": {str(model)!r}}}]}})
+async def main():
+    agent = Agent(config)
+    await agent.start()
+    status = agent.status()
+    await agent.stop()
+    return status
+status = asyncio.run(main())
+assert status["backends"]["tflite"]["loaded"] is False, status["backends"]
+assert [m["state"] for m in status["models"]] == ["ready"], status["models"]
+unwanted = {{"ai_edge_litert", "tflite_runtime", "httpx", "tuf", "websockets", "rapidjson",
+            "ml_dtypes", "tritonclient.grpc"}}
+loaded = set(sys.modules) | {{m.split(".")[0] for m in sys.modules}}
+print(",".join(sorted(loaded & unwanted)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip().splitlines()[-1:] in ([], [""]), out.stdout
 
 
 def test_licence_is_declared_as_spdx_and_shipped() -> None:
