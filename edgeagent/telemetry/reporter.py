@@ -24,7 +24,7 @@ from edgeagent.runtime.stats import ModelStats
 from edgeagent.telemetry.mqtt import MqttClient, Will
 from edgeagent.telemetry.topics import Topics
 
-if TYPE_CHECKING:  # the spool (and sqlite3) is imported only where MQTT is configured
+if TYPE_CHECKING:
     from edgeagent.telemetry.spool import Spool, SpoolStats
 
 log = logging.getLogger(__name__)
