@@ -61,6 +61,11 @@ def release_free_heap() -> bool:
     return True
 
 
+def _log_failure(done: asyncio.Future[object]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("releasing memory after a burst failed", exc_info=done.exception())
+
+
 class HeapTrimmer:
     """Hands the heap back once a burst of large requests has passed.
 
@@ -102,7 +107,7 @@ class HeapTrimmer:
             return  # the next one to end re-arms the timer
         loop = asyncio.get_running_loop()
         self.trims += 1
-        loop.run_in_executor(None, self.release)
+        loop.run_in_executor(None, self.release).add_done_callback(_log_failure)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -103,6 +103,34 @@ def test_the_trimmer_runs_the_release_it_was_given_once_per_burst() -> None:
     assert released == [1]
 
 
+def test_a_failing_release_is_logged_and_the_next_burst_still_releases(
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    def release() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("arena gone")
+
+    async def burst(trimmer: HeapTrimmer, wanted: int) -> None:
+        trimmer.start()
+        trimmer.note()
+        while len(calls) < wanted:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the done callback runs on the loop
+
+    async def go() -> None:
+        trimmer = HeapTrimmer(quiet_s=0.02, release=release)
+        await burst(trimmer, 1)
+        await burst(trimmer, 2)
+        trimmer.close()
+
+    with caplog.at_level("ERROR", logger="edgeagent.runtime.memory"):
+        asyncio.run(go())
+    assert calls == [1, 1]
+    assert [r.exc_info[1].args for r in caplog.records if r.exc_info] == [("arena gone",)]
+
+
 def test_the_operators_malloc_arena_max_wins() -> None:
     assert limit_malloc_arenas({"MALLOC_ARENA_MAX": "4"}) is False
 
