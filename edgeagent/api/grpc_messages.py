@@ -36,7 +36,9 @@ def _import() -> tuple[Any, ...]:
     # interpreter's import lock (re-entrant for this thread) while it is in sys.modules.
     import _imp
 
-    _imp.acquire_lock()
+    acquire = getattr(_imp, "acquire_lock", lambda: None)
+    release = getattr(_imp, "release_lock", lambda: None)
+    acquire()
     try:
         if _PACKAGE in sys.modules:  # imported for real while we looked
             return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
@@ -47,7 +49,7 @@ def _import() -> tuple[Any, ...]:
             if sys.modules.get(_PACKAGE) is bare:
                 del sys.modules[_PACKAGE]
     finally:
-        _imp.release_lock()
+        release()
 
 
 model_config_pb2, service_pb2, service_pb2_grpc = _import()
