@@ -82,6 +82,9 @@ class ModelVersion:
         self.loaded_at = time.time()
         self._leases = 0
         self._in_worker = 0  # runs of this version in a worker thread now (the loop's count)
+        self.ran_off_loop = False
+        """Whether a run went to a worker since :meth:`ModelManager.release_memory` last
+        released this version's memory (runs inline are tiny: they grow nothing worth it)."""
         self._retired = False
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -118,6 +121,7 @@ class ModelVersion:
         """``fn(*args)`` in a worker thread, counted so that :meth:`runs_inline` never puts a
         run on the event loop while another one of this version is in a worker."""
         self._in_worker += 1
+        self.ran_off_loop = True
         try:
             return await run_in_worker(fn, *args)
         finally:
@@ -381,12 +385,14 @@ class ModelManager:
     def release_memory(self) -> None:
         """Hand back what the runtimes and the C heap keep cached after a burst of large
         requests (:class:`~edgeagent.runtime.memory.HeapTrimmer` calls it from a worker
-        thread once the burst has passed): each active version's runtime first (onnxruntime's
-        arena, with one run of its warm-up inputs), then the heap."""
+        thread once the burst has passed): the runtime of each active version that ran in a
+        worker since its last release first (onnxruntime's arena, with one run of its warm-up
+        inputs; a model idle through the burst costs nothing), then the heap."""
         for slot in list(self._slots.values()):
             mv = slot.active
-            if mv is None:
+            if mv is None or not mv.ran_off_loop:
                 continue
+            mv.ran_off_loop = False
             mv.acquire()  # a swap cannot close it under the run
             try:
                 if not mv.retired:

@@ -4,21 +4,26 @@ after a burst, and runtimes no model needs never loaded."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from edgeagent.device.plan import ProviderPlan
+from edgeagent.runtime.base import LoadedModel
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.memory import HeapTrimmer, limit_malloc_arenas, release_free_heap
 from edgeagent.runtime.registry import BackendRegistry
 from tests import onnx_models
-from tests.runtime.test_manager import cpu_planner
+from tests.runtime.test_manager import GatedBackend, GatedModel, cpu_planner, gated_file
 
 #: Elements of the wide model's intermediate tensor at the burst's shape (64 MiB of float32).
 WIDE = 16 * 2**20
@@ -181,3 +186,50 @@ def test_grpc_messages_are_triton_s_without_its_client() -> None:
         "    'message': grpc_server.service_pb2.ModelInferRequest.DESCRIPTOR.full_name}))\n"))
     assert out == {"early": [], "same": True, "client": "InferenceServerClient",
                    "message": "inference.ModelInferRequest"}
+
+
+class Releasing(GatedModel):
+    """A gated model that counts the memory releases asked of it."""
+
+    def __init__(self, factor: float, gate: threading.Event) -> None:
+        super().__init__(factor, gate)
+        self.releases = 0
+
+    def release_memory(self, inputs: Mapping[str, np.ndarray]) -> None:
+        assert set(inputs) == {"x"}
+        self.releases += 1
+
+
+class ReleasingBackend(GatedBackend):
+    def load(self, path: Path, plan: ProviderPlan) -> LoadedModel:
+        model = Releasing(float(path.read_bytes()[1:].decode()), self.gate)
+        self.made.append(model)
+        return model
+
+
+def test_only_versions_that_ran_in_a_worker_since_the_last_release_are_released(
+        tmp_path: Path) -> None:
+    GatedBackend.gate = threading.Event()
+    GatedBackend.gate.set()
+    GatedBackend.made = []
+    registry = BackendRegistry({"onnx": ("tests.runtime.test_memory_release",
+                                         "ReleasingBackend")})
+
+    async def go() -> None:
+        mgr = ModelManager(registry, cpu_planner)
+        for name in ("busy", "idle"):
+            mgr.declare(name)
+            await mgr.load(name, ModelSource(gated_file(tmp_path, name, 2.0), precision="fp32"))
+        busy, idle = (mgr.get(n).model for n in ("busy", "idle"))
+        assert isinstance(busy, Releasing) and isinstance(idle, Releasing)
+        after_load = busy.releases, idle.releases  # each released once, after its load
+        release = functools.partial(asyncio.get_running_loop().run_in_executor, None,
+                                    mgr.release_memory)
+        await mgr.infer("busy", {"x": np.ones(4, np.float32)})  # no timing yet: a worker
+        await release()
+        assert (busy.releases, idle.releases) == (after_load[0] + 1, after_load[1])
+        await release()  # nothing ran since: nothing to release
+        assert (busy.releases, idle.releases) == (after_load[0] + 1, after_load[1])
+        await mgr.close()
+
+    asyncio.run(go())
