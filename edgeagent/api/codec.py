@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -39,9 +38,16 @@ try:  # optional speed-up for large JSON tensors (see the module docstring)
 except ImportError:  # pragma: no cover - a core dependency; absent only on exotic platforms
     simdjson = None  # type: ignore[assignment]  # _parse_large checks for None first
 
-from edgeagent.api.dataplane import InferCall, ShmInput, check_parameters, shm_ref
+from edgeagent.api.dataplane import (
+    InferCall,
+    ShmInput,
+    check_parameters,
+    shm_ref,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from edgeagent.api.errors import BadRequest, PayloadTooLarge
-from edgeagent.runtime.datatypes import DATATYPE_SIZE, DATATYPE_TO_NUMPY, datatype_of
+from edgeagent.runtime.datatypes import DATATYPE_TO_NUMPY, datatype_of
 from edgeagent.runtime.shm import ShmRef
 
 #: The header that splits a body into a JSON part and a binary part.
@@ -50,7 +56,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # The stdlib encoder, compact, only for outputs holding NaN or infinities: orjson writes those as
 # null, the stdlib (and Triton) as NaN / Infinity, which Python clients read back as floats.
 _dumps_nonfinite = json.JSONEncoder(separators=(",", ":")).encode
-_LENGTH = struct.Struct("<I")
 
 #: Whole-JSON request bodies from this size up are parsed with simdjson (when installed); below
 #: it orjson is as fast and the difference is noise.
@@ -388,7 +393,8 @@ def _decode_input(tensor: Any, index: int, binary: memoryview,
     if size > len(binary):
         raise BadRequest(f"input {name!r}: binary_data_size is {size} bytes, but only "
                          f"{len(binary)} bytes of binary data are left in the body")
-    return name, _from_binary(binary[:size], name, datatype, shape, count), size
+    return name, tensor_from_bytes(binary[:size], name, datatype, shape,
+                                   what="binary data"), size
 
 
 def _check_shape(shape: Any, name: str, max_elements: int) -> tuple[list[int], int]:
@@ -413,39 +419,6 @@ def _check_shape(shape: Any, name: str, max_elements: int) -> tuple[list[int], i
         raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than "
                               f"http.max_tensor_elements ({max_elements})")
     return shape, count
-
-
-def _from_binary(buf: memoryview, name: str, datatype: str, shape: list[int],
-                 count: int) -> np.ndarray:
-    if datatype == "BYTES":
-        return _bytes_from_binary(buf, name, count).reshape(shape)
-    need = count * DATATYPE_SIZE[datatype]
-    if len(buf) != need:
-        raise BadRequest(f"input {name!r}: {len(buf)} bytes of binary data, but {datatype} "
-                         f"{shape} takes {need} bytes")
-    return np.frombuffer(buf, dtype=DATATYPE_TO_NUMPY[datatype]).reshape(shape)
-
-
-def _bytes_from_binary(buf: memoryview, name: str, count: int) -> np.ndarray:
-    if count * _LENGTH.size > len(buf):  # checked before the array of count objects exists
-        raise BadRequest(f"input {name!r}: {count} BYTES elements take at least 4 bytes each "
-                         f"({count * _LENGTH.size} bytes), but the input has {len(buf)}")
-    out = np.empty(count, dtype=object)
-    pos, end = 0, len(buf)
-    for i in range(count):
-        if pos + 4 > end:
-            raise BadRequest(f"input {name!r}: the BYTES data ends after {i} of {count} elements")
-        (n,) = _LENGTH.unpack_from(buf, pos)
-        pos += 4
-        if pos + n > end:
-            raise BadRequest(f"input {name!r}: element {i} claims {n} bytes, past the end of "
-                             "its binary data")
-        out[i] = bytes(buf[pos:pos + n])
-        pos += n
-    if pos != end:
-        raise BadRequest(f"input {name!r}: {end - pos} bytes left over after {count} BYTES "
-                         "elements")
-    return out
 
 
 def _from_json(data: Any, name: str, datatype: str, shape: list[int],
@@ -558,12 +531,7 @@ def _to_binary(arr: np.ndarray, datatype: str) -> bytes | memoryview:
     if datatype != "BYTES":
         # A byte view of the (contiguous) array: the final join is the only copy.
         return np.ascontiguousarray(arr).data.cast("B")
-    parts: list[bytes] = []
-    for item in arr.reshape(-1):
-        raw = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(_LENGTH.pack(len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
+    return tensor_to_bytes(arr)
 
 
 def _dumps(header: dict[str, Any]) -> bytes:

@@ -10,6 +10,7 @@ statuses in one place (``errors.py`` for HTTP, ``grpc_server.py`` for gRPC).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -102,38 +103,50 @@ def shm_ref(params: Mapping[str, Any], what: str) -> ShmRef | None:
     return ShmRef(region, size, offset)
 
 
-def tensor_from_bytes(buf: memoryview, name: str, datatype: str, shape: Sequence[int]
-                      ) -> np.ndarray:
+#: A BYTES element's length prefix (Triton's binary tensor format).
+_LENGTH = struct.Struct("<I")
+
+
+def tensor_from_bytes(buf: memoryview, name: str, datatype: str, shape: Sequence[int], *,
+                      what: str = "data") -> np.ndarray:
     """A tensor of ``datatype`` and ``shape`` read from raw bytes (a view, no copy; BYTES
-    elements are each a 4-byte little-endian length and the bytes).
+    elements are each a 4-byte little-endian length and the bytes): the one decoder of binary
+    tensors, for HTTP's binary extension (``what="binary data"``), gRPC's raw contents and
+    shared memory.
 
     Raises:
         BadRequest: the bytes do not hold exactly that tensor.
     """
     count = math.prod(shape)
     if datatype == "BYTES":
-        out = np.empty(count, dtype=object)
-        pos, end = 0, len(buf)
-        for i in range(count):
-            if pos + 4 > end:
-                raise BadRequest(f"input {name!r}: the BYTES data ends after {i} of {count} "
-                                 "elements")
-            n = int.from_bytes(buf[pos:pos + 4], "little")
-            pos += 4
-            if pos + n > end:
-                raise BadRequest(f"input {name!r}: element {i} claims {n} bytes, past the end "
-                                 "of its data")
-            out[i] = bytes(buf[pos:pos + n])
-            pos += n
-        if pos != end:
-            raise BadRequest(f"input {name!r}: {end - pos} bytes left over after {count} BYTES "
-                             "elements")
-        return out.reshape(shape)
+        return _bytes_elements(buf, name, count, what).reshape(shape)
     need = count * DATATYPE_SIZE[datatype]
     if len(buf) != need:
-        raise BadRequest(f"input {name!r}: {len(buf)} bytes of data, but {datatype} "
+        raise BadRequest(f"input {name!r}: {len(buf)} bytes of {what}, but {datatype} "
                          f"{list(shape)} takes {need} bytes")
     return np.frombuffer(buf, dtype=DATATYPE_TO_NUMPY[datatype]).reshape(shape)
+
+
+def _bytes_elements(buf: memoryview, name: str, count: int, what: str) -> np.ndarray:
+    if count * _LENGTH.size > len(buf):  # checked before the array of count objects exists
+        raise BadRequest(f"input {name!r}: {count} BYTES elements take at least 4 bytes each "
+                         f"({count * _LENGTH.size} bytes), but the input has {len(buf)}")
+    out = np.empty(count, dtype=object)
+    pos, end = 0, len(buf)
+    for i in range(count):
+        if pos + 4 > end:
+            raise BadRequest(f"input {name!r}: the BYTES data ends after {i} of {count} elements")
+        (n,) = _LENGTH.unpack_from(buf, pos)
+        pos += 4
+        if pos + n > end:
+            raise BadRequest(f"input {name!r}: element {i} claims {n} bytes, past the end of "
+                             f"its {what}")
+        out[i] = bytes(buf[pos:pos + n])
+        pos += n
+    if pos != end:
+        raise BadRequest(f"input {name!r}: {end - pos} bytes left over after {count} BYTES "
+                         "elements")
+    return out
 
 
 def tensor_to_bytes(arr: np.ndarray) -> bytes:
@@ -143,7 +156,7 @@ def tensor_to_bytes(arr: np.ndarray) -> bytes:
     parts: list[bytes] = []
     for item in arr.reshape(-1):
         raw = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(len(raw).to_bytes(4, "little"))
+        parts.append(_LENGTH.pack(len(raw)))
         parts.append(raw)
     return b"".join(parts)
 
