@@ -20,6 +20,7 @@ from pathlib import Path
 from edgeagent.config import ModelSection
 from edgeagent.errors import ModelError, ModelNotFound
 from edgeagent.fsutil import fsync_dir
+from edgeagent.runtime.inspect import sha256_file
 from edgeagent.runtime.manager import ModelSource
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class LocalFiles:
         cached = self._hashed.get(path)
         if cached is not None and cached[0] == signature:
             return cached[1]
-        sha = _sha256(path)
+        sha = sha256_file(path)
         self._hashed[path] = (signature, sha)
         return sha
 
@@ -140,13 +141,3 @@ class LocalFiles:
             if version not in wanted:
                 shutil.rmtree(self._folder(name, version), ignore_errors=True)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror}") from exc
-    return digest.hexdigest()
