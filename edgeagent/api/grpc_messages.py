@@ -23,15 +23,11 @@ _PACKAGE = "tritonclient.grpc"
 _MODULES = ("model_config_pb2", "service_pb2", "service_pb2_grpc")
 
 
+def _modules() -> tuple[Any, ...]:
+    return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
+
+
 def _import() -> tuple[Any, ...]:
-    if _PACKAGE in sys.modules:
-        return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
-    spec = importlib.util.find_spec(_PACKAGE)  # imports `tritonclient` (an empty __init__) only
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError(f"{_PACKAGE} is not installed (pip install 'tritonclient[grpc]')")
-    bare = types.ModuleType(_PACKAGE)
-    bare.__path__ = list(spec.submodule_search_locations)
-    bare.__spec__ = spec
     # Another thread importing tritonclient.grpc meanwhile would get the stand-in: hold the
     # interpreter's import lock (re-entrant for this thread) while it is in sys.modules.
     import _imp
@@ -40,11 +36,17 @@ def _import() -> tuple[Any, ...]:
     release = getattr(_imp, "release_lock", lambda: None)
     acquire()
     try:
-        if _PACKAGE in sys.modules:  # imported for real while we looked
-            return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
+        if _PACKAGE in sys.modules:  # the real package is loaded already: use it
+            return _modules()
+        spec = importlib.util.find_spec(_PACKAGE)  # imports `tritonclient` (empty) only
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError(f"{_PACKAGE} is not installed (pip install 'tritonclient[grpc]')")
+        bare = types.ModuleType(_PACKAGE)
+        bare.__path__ = list(spec.submodule_search_locations)
+        bare.__spec__ = spec
         sys.modules[_PACKAGE] = bare
         try:
-            return tuple(importlib.import_module(f"{_PACKAGE}.{m}") for m in _MODULES)
+            return _modules()
         finally:
             if sys.modules.get(_PACKAGE) is bare:
                 del sys.modules[_PACKAGE]

@@ -553,9 +553,7 @@ def module_installed(module: str) -> bool:
     the parent's folders."""
     parent, _, child = module.rpartition(".")
     try:
-        if not parent:
-            return importlib.util.find_spec(module) is not None
-        if parent in sys.modules:
+        if not parent or parent in sys.modules:  # nothing left to run: find it plainly
             return importlib.util.find_spec(module) is not None
         spec = importlib.util.find_spec(parent)
         if spec is None or spec.submodule_search_locations is None:

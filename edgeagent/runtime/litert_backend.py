@@ -82,6 +82,14 @@ def _import_interpreter(modules: Sequence[tuple[str, str]]) -> tuple[Any, str]:
                              hint=INSTALL_HINT)
 
 
+def _versions(distribution: str) -> dict[str, str]:
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"litert": version, "distribution": f"{distribution} {version}"}
+
+
 def _spec(detail: Mapping[str, Any]) -> TensorSpec:
     name = str(detail["name"])
     try:
@@ -200,22 +208,14 @@ class LiteRTBackend(Backend):
         the first model loads."""
         for module_name, distribution in modules:
             if module_installed(module_name):
-                try:
-                    version = importlib.metadata.version(distribution)
-                except importlib.metadata.PackageNotFoundError:
-                    version = "unknown"
                 return {"available": True, "backend": "litert", "loaded": False,
-                        "litert": version, "distribution": f"{distribution} {version}"}
+                        **_versions(distribution)}
         return {"available": False, "loaded": False, "hint": INSTALL_HINT,
                 "reason": "no interpreter module is installed ("
                           + ", ".join(m for m, _ in modules) + ")"}
 
     def versions(self) -> dict[str, str]:
-        try:
-            version = importlib.metadata.version(self._distribution)
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        return {"litert": version, "distribution": f"{self._distribution} {version}"}
+        return _versions(self._distribution)
 
     def load(self, path: Path, plan: ProviderPlan) -> LoadedModel:
         """Load with the first delegate of the plan that applies, down to the CPU kernels.

@@ -132,6 +132,16 @@ class ModelVersion:
             self._leases += 1
             self._idle.clear()
 
+    def acquire_unless_retired(self) -> bool:
+        """A lease, unless the version is retired (it may be closed already): for work that
+        found the version on its own (a worker thread, not a request routed to it)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._leases += 1
+            self._idle.clear()
+            return True
+
     def release(self) -> None:
         with self._lock:
             self._leases -= 1
@@ -392,11 +402,11 @@ class ModelManager:
             mv = slot.active
             if mv is None or not mv.ran_off_loop:
                 continue
+            if not mv.acquire_unless_retired():  # swapped out meanwhile: nothing to release
+                continue
             mv.ran_off_loop = False
-            mv.acquire()  # a swap cannot close it under the run
             try:
-                if not mv.retired:
-                    mv.model.release_memory(mv.model.validate(_warmup_inputs(mv.model)))
+                mv.model.release_memory(mv.model.validate(_warmup_inputs(mv.model)))
             except EdgeAgentError as exc:
                 log.warning("model %s version %d: releasing memory failed: %s",
                             mv.name, mv.version, exc)

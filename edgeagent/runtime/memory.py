@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc(name: str) -> Callable[..., int] | None:
+    """A glibc function (``malloc_trim``, ``mallopt``); None on another C library."""
     try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        fn: Callable[..., int] = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
         return None
-    return trim
+    return fn
 
 
 #: glibc's ``mallopt`` parameter for the number of malloc arenas.
@@ -43,18 +44,15 @@ MALLOC_ARENAS = 2
 def limit_malloc_arenas(environ: Mapping[str, str], arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas before the agent starts its threads, unless the operator set
     ``MALLOC_ARENA_MAX`` (glibc reads it itself, and it wins). Whether the cap was set."""
-    if "MALLOC_ARENA_MAX" in environ:
-        return False
-    try:
-        mallopt: Callable[[int, int], int] = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = _glibc("mallopt")
+    if "MALLOC_ARENA_MAX" in environ or mallopt is None:
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 def release_free_heap() -> bool:
     """Return the C heap's free pages to the OS; whether the C library offers that."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is None:
         return False
     trim(0)
