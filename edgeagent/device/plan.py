@@ -399,15 +399,19 @@ def _variant_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, preci
     return next((text for bad, text in problems if bad), None)
 
 
-def _needs_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, precision: Any,
-                   needs: Any) -> str | None:
-    """Why a variant's ``needs.providers``/``delegates`` cannot be met here, or None."""
+def _planned(profile: DeviceProfile, facts: DeviceFacts, fmt: Any,
+             precision: Any) -> tuple[list[str], list[Exclusion]]:
+    """The providers (ONNX) or delegates (TFLite) the profile plans here, best first, and
+    those it left out with why."""
     if fmt == "onnx":
         providers, excluded = _decide_providers(profile, facts, precision)
-        planned = [s.name for s in providers]
-    else:
-        delegates, excluded = _decide_delegates(profile, facts, precision)
-        planned = [d.name for d in delegates]
+        return [s.name for s in providers], excluded
+    delegates, excluded = _decide_delegates(profile, facts, precision)
+    return [d.name for d in delegates], excluded
+
+
+def _unmet_needs(profile: DeviceProfile, needs: Any, planned: list[str],
+                 excluded: list[Exclusion]) -> str | None:
     wanted = _names(_get(needs, "providers")) + _names(_get(needs, "delegates"))
     if wanted and not set(wanted) & set(planned):
         why = {e.name: e.reason for e in excluded}
@@ -417,27 +421,25 @@ def _needs_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, precisi
     return None
 
 
+def _needs_problem(profile: DeviceProfile, facts: DeviceFacts, fmt: Any, precision: Any,
+                   needs: Any) -> str | None:
+    """Why a variant's ``needs.providers``/``delegates`` cannot be met here, or None."""
+    return _unmet_needs(profile, needs, *_planned(profile, facts, fmt, precision))
+
+
 def _score_variant(profile: DeviceProfile, facts: DeviceFacts,
                    variant: Any) -> tuple[int, ...] | str:
     fmt, precision, needs = (_get(variant, k) for k in ("format", "precision", "needs"))
     problem = _variant_problem(profile, facts, fmt, precision, needs)
     if problem is not None:
         return problem
-    excluded: list[Exclusion]
-    if fmt == "onnx":
-        providers, excluded = _decide_providers(profile, facts, precision)
-        planned = [s.name for s in providers]
-        accelerated = any(name != CPU for name in planned)
-    else:
-        delegates, excluded = _decide_delegates(profile, facts, precision)
-        planned = [d.name for d in delegates]
-        accelerated = any(name != "xnnpack" for name in planned)
+    planned, excluded = _planned(profile, facts, fmt, precision)
+    problem = _unmet_needs(profile, needs, planned, excluded)
+    if problem is not None:
+        return problem
+    plain = CPU if fmt == "onnx" else "xnnpack"
+    accelerated = any(name != plain for name in planned)
     wanted = _names(_get(needs, "providers")) + _names(_get(needs, "delegates"))
-    if wanted and not set(wanted) & set(planned):
-        why = {e.name: e.reason for e in excluded}
-        detail = "; ".join(f"{w}: {why.get(w, f'not listed by profile {profile.name}')}"
-                           for w in wanted)
-        return f"needs {' or '.join(wanted)}, none usable here ({detail})"
     preferred = preferred_precisions(profile, fmt)
     if not accelerated:
         preferred.sort(key=CPU_PRECISION_ORDER.index)
