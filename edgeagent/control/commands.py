@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from edgeagent.control.rollout import load_object
 from edgeagent.errors import EdgeAgentError
 from edgeagent.fsutil import write_json_atomic
 from edgeagent.telemetry.topics import NAME_RE
@@ -166,14 +167,7 @@ def parse_command(payload: bytes, actions: Mapping[str, Action]) -> dict[str, An
     Raises:
         CommandError: too large, not JSON, not an object, an action that is not a known name.
     """
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandError(f"payload of {len(payload)} bytes exceeds {MAX_COMMAND_BYTES}")
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise CommandError(f"not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise CommandError("expected a JSON object")
+    doc = load_object(payload, MAX_COMMAND_BYTES, None, CommandError)
     action = doc.get("action")
     if not isinstance(action, str) or action not in actions:
         shown = repr(action) if isinstance(action, str | None) else type(action).__name__

@@ -43,10 +43,10 @@ class RolloutError(EdgeAgentError):
     """A rollout document is malformed."""
 
 
-def load_object(payload: bytes, limit: int, keys: set[str],
+def load_object(payload: bytes, limit: int, keys: set[str] | None,
                 error: type[EdgeAgentError]) -> dict[str, Any]:
     """A fleet document's JSON object, bounded: size first, then orjson (nesting depth and
-    integer size), then no keys beyond ``keys``.
+    integer size), then no keys beyond ``keys`` (None: any keys, as commands take).
 
     Raises:
         error: naming what is wrong.
@@ -59,8 +59,7 @@ def load_object(payload: bytes, limit: int, keys: set[str],
         raise error(f"not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise error("expected a JSON object")
-    unknown = sorted(set(doc) - keys)
-    if unknown:
+    if keys is not None and (unknown := sorted(set(doc) - keys)):
         raise error(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
     return doc
 
