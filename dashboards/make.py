@@ -85,18 +85,28 @@ def _variables(fleet: bool) -> list[dict[str, Any]]:
     ]
 
 
+def _requests_rate(selector: str) -> dict[str, Any]:
+    """Requests per second per model version, among the series ``selector`` picks."""
+    return _target(
+        f"sum by (model, version) (rate(edgeagent_inference_requests_total{{{selector}}}"
+        f"[{RATE}]))", "{{model}} v{{version}}")
+
+
+def _failure_share(selector: str) -> dict[str, Any]:
+    """The share of failed requests per model version."""
+    return _target(
+        f"sum by (model, version) (rate(edgeagent_inference_requests_total{{{selector}, "
+        f'outcome="failure"}}[{RATE}])) / sum by (model, version) '
+        f"(rate(edgeagent_inference_requests_total{{{selector}}}[{RATE}]))",
+        "{{model}} v{{version}}")
+
+
 def box() -> dict[str, Any]:
     """One box: its models per version, the agent's links, the system."""
     p = Layout()
     p.row("Models (per version)")
-    p.add("Requests / s", [_target(
-        f"sum by (model, version) (rate(edgeagent_inference_requests_total{{{BOX_MODEL}}}"
-        f"[{RATE}]))", "{{model}} v{{version}}")], unit="reqps")
-    p.add("Failed requests (share)", [_target(
-        f"sum by (model, version) (rate(edgeagent_inference_requests_total{{{BOX_MODEL}, "
-        f'outcome="failure"}}[{RATE}])) / sum by (model, version) '
-        f"(rate(edgeagent_inference_requests_total{{{BOX_MODEL}}}[{RATE}]))",
-        "{{model}} v{{version}}")], unit="percentunit")
+    p.add("Requests / s", [_requests_rate(BOX_MODEL)], unit="reqps")
+    p.add("Failed requests (share)", [_failure_share(BOX_MODEL)], unit="percentunit")
     p.add("Latency p50 / p95 / p99", [_target(
         f"histogram_quantile({q}, sum by (model, version, le) "
         f"(rate(edgeagent_inference_latency_seconds_bucket{{{BOX_MODEL}}}[{RATE}])))",
@@ -206,14 +216,9 @@ def fleet() -> dict[str, Any]:
     p.add("Devices per model version", [_target(
         f"count by (model, version) (edgeagent_model_info{{{FLEET_MODEL}}})",
         "{{model}} v{{version}}")], w=8)
-    p.add("Requests / s per version", [_target(
-        f"sum by (model, version) (rate(edgeagent_inference_requests_total{{{FLEET_MODEL}}}"
-        f"[{RATE}]))", "{{model}} v{{version}}")], unit="reqps")
-    p.add("Failed requests per version (share)", [_target(
-        f"sum by (model, version) (rate(edgeagent_inference_requests_total{{{FLEET_MODEL}, "
-        f'outcome="failure"}}[{RATE}])) / sum by (model, version) '
-        f"(rate(edgeagent_inference_requests_total{{{FLEET_MODEL}}}[{RATE}]))",
-        "{{model}} v{{version}}")], unit="percentunit")
+    p.add("Requests / s per version", [_requests_rate(FLEET_MODEL)], unit="reqps")
+    p.add("Failed requests per version (share)", [_failure_share(FLEET_MODEL)],
+          unit="percentunit")
     p.add("Latency p95 per version", [_target(
         f"histogram_quantile(0.95, sum by (model, version, le) "
         f"(rate(edgeagent_inference_latency_seconds_bucket{{{FLEET_MODEL}}}[{RATE}])))",
