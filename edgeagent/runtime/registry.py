@@ -54,6 +54,7 @@ class BackendRegistry:
     def __init__(self, backends: dict[str, tuple[str, str]] | None = None) -> None:
         self._specs = dict(backends or BACKENDS)
         self._made: dict[str, Backend] = {}
+        self._described: dict[str, dict[str, object]] = {}
         self._lock = threading.Lock()
 
     def for_format(self, fmt: str) -> Backend:
@@ -73,6 +74,7 @@ class BackendRegistry:
             module = importlib.import_module(module_name)
             backend: Backend = getattr(module, cls_name)()
             self._made[fmt] = backend
+            self._described.pop(fmt, None)  # the status describes the backend itself now
             return backend
 
     def status(self) -> dict[str, dict[str, object]]:
@@ -81,22 +83,33 @@ class BackendRegistry:
         A backend no model has needed yet is described without being created where its class
         can tell from what is installed (``probe``): reading the status must not load a
         runtime (LiteRT's import alone maps 11 MB into a box that serves only ONNX models).
+        Each description is made once and kept until that backend is created (probes and
+        version lookups read the filesystem, and every scrape of /metrics and every reported
+        state reads the status).
         """
-        out: dict[str, dict[str, object]] = {}
-        for fmt in self._specs:
-            with self._lock:
-                made = fmt in self._made
-            if not made:
-                module_name, cls_name = self._specs[fmt]
-                probe = getattr(getattr(importlib.import_module(module_name), cls_name),
-                                "probe", None)
-                if probe is not None:
-                    out[fmt] = probe()
-                    continue
+        return {fmt: self._describe(fmt) for fmt in self._specs}
+
+    def _describe(self, fmt: str) -> dict[str, object]:
+        with self._lock:
+            known = self._described.get(fmt)
+            made = self._made.get(fmt)
+        if known is not None:
+            return known
+        described: dict[str, object] | None = None
+        if made is None:
+            module_name, cls_name = self._specs[fmt]
+            probe = getattr(getattr(importlib.import_module(module_name), cls_name),
+                            "probe", None)
+            described = probe() if probe is not None else None
+        probed = described is not None
+        if described is None:
             try:
                 backend = self.for_format(fmt)
             except BackendUnavailable as exc:
-                out[fmt] = {"available": False, "reason": str(exc), "hint": exc.hint}
+                described = {"available": False, "reason": str(exc), "hint": exc.hint}
             else:
-                out[fmt] = {"available": True, "backend": backend.name, **backend.versions()}
-        return out
+                described = {"available": True, "backend": backend.name, **backend.versions()}
+        with self._lock:
+            if not (probed and fmt in self._made):  # a probe made stale by a load meanwhile
+                self._described[fmt] = described
+        return described
