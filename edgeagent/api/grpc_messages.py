@@ -1,9 +1,10 @@
-"""Triton's generated gRPC messages (``model_config_pb2``, ``service_pb2``,
-``service_pb2_grpc`` from ``tritonclient.grpc``), imported without the client around them.
+"""Triton's generated gRPC messages (``model_config_pb2``, ``service_pb2`` from
+``tritonclient.grpc``), imported without the client around them.
 
 ``import tritonclient.grpc`` runs the package's ``__init__``, which brings Triton's whole client
 (its numpy and dtype helpers, ``rapidjson``, ``ml_dtypes``, the plugin machinery): about 3 MB of
-resident memory a server never uses. The three generated modules need nothing of it, so they
+resident memory a server never uses (and grpcio, which the agent does not use: its gRPC is
+:mod:`edgeagent.api.http2`). The two message modules need nothing of it, so they
 are imported under a bare package object standing in for ``tritonclient.grpc`` and kept in
 ``sys.modules`` under their own names; the stand-in is removed at once, so a later ``import
 tritonclient.grpc`` (an application embedding the agent, the test suite) runs the real
@@ -20,7 +21,7 @@ import types
 from typing import Any
 
 _PACKAGE = "tritonclient.grpc"
-_MODULES = ("model_config_pb2", "service_pb2", "service_pb2_grpc")
+_MODULES = ("model_config_pb2", "service_pb2")
 
 
 def _modules() -> tuple[Any, ...]:
@@ -54,4 +55,4 @@ def _import() -> tuple[Any, ...]:
         release()
 
 
-model_config_pb2, service_pb2, service_pb2_grpc = _import()
+model_config_pb2, service_pb2 = _import()

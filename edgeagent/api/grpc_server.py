@@ -1,11 +1,13 @@
 """The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` as Triton serves
-it (``grpc_service.proto``), on grpcio's asyncio server, on the agent's event loop.
+it (``grpc_service.proto``), on the agent's own HTTP/2 transport (:mod:`edgeagent.api.http2`),
+on the agent's event loop.
 
 The servicer is thin, like the HTTP handlers: it checks the token, decodes the message, calls
 the transport-free :class:`~edgeagent.api.dataplane.DataPlane` (the same scheduler, batching,
 limits, statistics and metrics as HTTP) and encodes what it returns. The message classes are
 Triton's own generated ones, from ``tritonclient.grpc`` (so the wire format is Triton's by
-construction); grpcio and they are imported only when ``grpc.listen`` is set.
+construction); they (and protobuf) are imported only when ``grpc.listen`` is set. grpcio is
+never imported by the agent.
 
 Errors map to gRPC status codes in one place (:func:`grpc_code`), from the HTTP status of the
 same error, as Triton maps its own: 400/413 INVALID_ARGUMENT/RESOURCE_EXHAUSTED, 401
@@ -21,19 +23,17 @@ import asyncio
 import functools
 import hmac
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from edgeagent.api.dataplane import DataPlane
 from edgeagent.api.errors import BadRequest, Forbidden, Unauthorized, status_of
 from edgeagent.api.grpc_codec import decode_infer, encode_infer
-from edgeagent.api.grpc_messages import model_config_pb2, service_pb2, service_pb2_grpc
+from edgeagent.api.grpc_messages import model_config_pb2, service_pb2
+from edgeagent.api.http2 import Call, GrpcHttp2Server, Method, RpcError, StatusCode
 from edgeagent.api.infer import parse_version
 from edgeagent.api.triton import server_metadata
 from edgeagent.errors import EdgeAgentError
@@ -48,18 +48,18 @@ log = logging.getLogger(__name__)
 #: until one finishes (back-pressure through gRPC's flow control).
 STREAM_IN_FLIGHT = 64
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 431: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE}
+_CODES = {400: StatusCode.INVALID_ARGUMENT, 401: StatusCode.UNAUTHENTICATED,
+          403: StatusCode.PERMISSION_DENIED, 404: StatusCode.NOT_FOUND,
+          413: StatusCode.RESOURCE_EXHAUSTED, 431: StatusCode.RESOURCE_EXHAUSTED,
+          502: StatusCode.UNAVAILABLE, 503: StatusCode.UNAVAILABLE}
 
 R = TypeVar("R")
-Method = Callable[["InferenceServicer", Any, grpc.aio.ServicerContext], Awaitable[R]]
+Handler = Callable[["InferenceServicer", Any, Call], Awaitable[R]]
 
 
 class Undecodable:
-    """What a request that is not a valid message of its type deserialises to, so the method
-    answers INVALID_ARGUMENT with the reason (grpcio itself would answer UNKNOWN)."""
+    """What a request that is not a valid message of its type parses to, so the method
+    answers INVALID_ARGUMENT with the reason."""
 
     def __init__(self, type_name: str, error: Exception) -> None:
         self.message = f"the request is not a valid {type_name} message: {error}"
@@ -75,41 +75,63 @@ def _safe_parser(message_cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def _generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """The service's method handlers, as ``service_pb2_grpc`` builds them but with
-    :func:`_safe_parser` (methods the servicer leaves out answer UNIMPLEMENTED)."""
+def _methods(servicer: InferenceServicer) -> dict[bytes, Method]:
+    """The service's methods the servicer serves, by path (others answer UNIMPLEMENTED)."""
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
+    methods: dict[bytes, Method] = {}
     for method in service.methods:
+        handler = getattr(servicer, method.name, None)
+        if handler is None:
+            continue
         parse = _safe_parser(getattr(service_pb2, method.input_type.name))
-        serialize = getattr(service_pb2, method.output_type.name).SerializeToString
-        make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
-                else grpc.unary_unary_rpc_method_handler)
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=parse, response_serializer=serialize)
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+        path = f"/{service.full_name}/{method.name}".encode()
+        if method.client_streaming:
+            methods[path] = Method(streaming=_streaming(handler, parse))
+        else:
+            methods[path] = Method(unary=_unary(handler, parse))
+    return methods
 
 
-def grpc_code(exc: EdgeAgentError) -> grpc.StatusCode:
+def _unary(handler: Callable[[Any, Call], Awaitable[Any]],
+           parse: Callable[[bytes], Any]) -> Callable[[bytes, Call], Awaitable[bytes]]:
+    async def call(data: bytes, context: Call) -> bytes:
+        response = await handler(parse(data), context)
+        return bytes(response.SerializeToString())
+
+    return call
+
+
+def _streaming(handler: Callable[[AsyncIterator[Any], Call], Awaitable[None]],
+               parse: Callable[[bytes], Any]) -> Callable[[Call], Awaitable[None]]:
+    async def call(context: Call) -> None:
+        async def requests() -> AsyncIterator[Any]:
+            while (data := await context.read()) is not None:
+                yield parse(data)
+
+        await handler(requests(), context)
+
+    return call
+
+
+def grpc_code(exc: EdgeAgentError) -> StatusCode:
     """The gRPC status code of an edgeagent error (the one place that decides it)."""
     if isinstance(exc, RegionExists):
-        return grpc.StatusCode.ALREADY_EXISTS
+        return StatusCode.ALREADY_EXISTS
     if isinstance(exc, RegionForbidden):
-        return grpc.StatusCode.PERMISSION_DENIED
-    return _CODES.get(status_of(exc), grpc.StatusCode.INTERNAL)
+        return StatusCode.PERMISSION_DENIED
+    return _CODES.get(status_of(exc), StatusCode.INTERNAL)
 
 
 def _version(name: str, raw: str) -> int | None:
     return parse_version(name, raw or None)
 
 
-def _rpc(*, repository: bool = False) -> Callable[[Method[R]], Method[R]]:
+def _rpc(*, repository: bool = False) -> Callable[[Handler[R]], Handler[R]]:
     """A servicer method: token checked first, every error answered with its status code."""
 
-    def wrap(method: Method[R]) -> Method[R]:
+    def wrap(method: Handler[R]) -> Handler[R]:
         @functools.wraps(method)
-        async def call(self: InferenceServicer, request: Any,
-                       context: grpc.aio.ServicerContext) -> R:
+        async def call(self: InferenceServicer, request: Any, context: Call) -> R:
             try:
                 self.check_token(context, repository)
                 if isinstance(request, Undecodable):
@@ -118,21 +140,20 @@ def _rpc(*, repository: bool = False) -> Callable[[Method[R]], Method[R]]:
             except EdgeAgentError as exc:
                 if status_of(exc) >= 500 and status_of(exc) != 503:
                     log.error("gRPC %s failed: %s", method.__name__, exc)
-                await context.abort(grpc_code(exc), str(exc))
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise RpcError(grpc_code(exc), str(exc)) from None
+            except (asyncio.CancelledError, RpcError):
                 raise
             except Exception as exc:
                 log.exception("gRPC %s failed", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"internal error: {type(exc).__name__}: {exc}")
-            raise AssertionError("context.abort returned")  # pragma: no cover
+                raise RpcError(StatusCode.INTERNAL,
+                               f"internal error: {type(exc).__name__}: {exc}") from None
 
         return call
 
     return wrap
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer:
     """``inference.GRPCInferenceService`` on the agent's services."""
 
     def __init__(self, services: Services) -> None:
@@ -140,7 +161,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         self.plane = DataPlane(services)
         self._token = services.token.encode() if services.token else None
 
-    def check_token(self, context: grpc.aio.ServicerContext, repository: bool) -> None:
+    def check_token(self, context: Call, repository: bool) -> None:
         """The HTTP token rules, on the ``authorization`` metadata."""
         if self._token is None:
             if repository:
@@ -280,14 +301,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return await self._infer(request)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
-                               context: grpc.aio.ServicerContext) -> None:
+                               context: Call) -> None:
         """Requests of one stream run concurrently (up to :data:`STREAM_IN_FLIGHT`); each
         answer, or its error in ``error_message``, is written when it is ready (Triton's
         stream: a failed request does not end the stream)."""
         try:
             self.check_token(context, repository=False)
         except EdgeAgentError as exc:
-            await context.abort(grpc_code(exc), str(exc))
+            raise RpcError(grpc_code(exc), str(exc)) from None
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         write_lock = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
@@ -318,7 +339,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
         async def _write(response: Any) -> None:
             async with write_lock:
-                await context.write(response)
+                await context.write(response.SerializeToString())
 
         try:
             async for request in request_iterator:
@@ -338,15 +359,16 @@ class GrpcServer:
 
     def __init__(self, services: Services, listen: str) -> None:
         self.listen = listen
-        limit = services.config.http.max_request_bytes
-        self._server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", -1),
-            # Two agents must not share a port silently: a second bind fails.
-            ("grpc.so_reuseport", 0),
-        ])
-        self._server.add_generic_rpc_handlers((_generic_handler(InferenceServicer(services)),))
-        self._uds: Path | None = None
+        http = services.config.http
+        self._server = GrpcHttp2Server(
+            _methods(InferenceServicer(services)), max_message_bytes=http.max_request_bytes,
+            max_connections=http.max_connections, header_timeout_s=http.header_timeout_s,
+            body_timeout_s=http.body_timeout_s)
+
+    @property
+    def port(self) -> int:
+        """The TCP port listened on (0 on a Unix socket)."""
+        return self._server.port
 
     async def start(self) -> None:
         """Bind and start serving.
@@ -354,26 +376,8 @@ class GrpcServer:
         Raises:
             EdgeAgentError: the address cannot be bound.
         """
-        address = self.listen
-        if address.startswith("unix:"):
-            self._uds = Path(address[5:])
-            self._uds.parent.mkdir(parents=True, exist_ok=True)
-            if self._uds.exists():
-                self._uds.unlink()  # left by a previous run that was killed
-            address = f"unix:{self._uds}"
-        try:
-            port = self._server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise EdgeAgentError(f"cannot listen on {self.listen} for gRPC (in use, or not "
-                                 "permitted)") from exc
-        if port == 0:
-            raise EdgeAgentError(f"cannot listen on {self.listen} for gRPC (in use, or not "
-                                 "permitted)")
-        await self._server.start()
-        if self._uds is not None:
-            os.chmod(self._uds, 0o660)
+        await self._server.start(self.listen)
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting calls; those in flight get ``grace_s`` to finish."""
         await self._server.stop(grace_s)
-
