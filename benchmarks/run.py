@@ -50,7 +50,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 import psutil
@@ -59,6 +58,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2
 
 from benchmarks.models import cnn, cnn_macs, mlp
+from benchmarks.thin_grpc import ThinGrpcConnection
 
 THREADS = 2
 """Intra-op threads, in-process and in the agent (this box's cores; the reference figures)."""
@@ -405,40 +405,24 @@ REFERENCE_OUTPUTS: dict[str, np.ndarray] = {}
 def drive_grpc(agent_pid: int, port: int, model: str, protocol: str, *, concurrency: int,
                budget: Budget, target: str, pair_with: Callable[[], None] | None = None,
                ) -> Case:
-    """Closed-loop load from ``concurrency`` threads, one channel each, the request message
-    serialised once and sent as bytes (as the HTTP rows send a pre-encoded body; serialising
-    the CNN's 600 KB message costs the client ~240 us per request here); the last answer is
-    decoded and checked against the in-process output."""
+    """Closed-loop load from one thread, one :class:`~benchmarks.thin_grpc.ThinGrpcConnection`
+    per concurrent caller (the gRPC twin of :class:`ThinConnection`), the request message
+    serialised once; the last answer is decoded and checked against the in-process output."""
     wire = grpc_request(model, shared=protocol == "shm-grpc").SerializeToString()
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", -1)]) for _ in range(concurrency)]
-    calls = [c.unary_unary("/inference.GRPCInferenceService/ModelInfer") for c in channels]
-    free = list(calls)
-    lock = threading.Lock()
-    last: list[bytes] = []
-
-    def call() -> None:
-        with lock:
-            infer = free.pop()
-        try:
-            answer = infer(wire, timeout=120)
-        finally:
-            with lock:
-                free.append(infer)
-        if not last:
-            last.append(answer)
-
+    connections = [ThinGrpcConnection(
+        lambda: socket.create_connection(("127.0.0.1", port), 10),
+        "/inference.GRPCInferenceService/ModelInfer", wire) for _ in range(concurrency)]
     try:
         case = _measure(agent_pid, model, protocol, concurrency=concurrency, budget=budget,
-                        target=target, load=lambda: _closed_loop(
-                            call, concurrency, budget, _thread, _join_threads))
+                        target=target, load=lambda: _select_loop(connections, budget))
         if pair_with is not None:
-            case.paired_ratio = _interleaved(call, pair_with)
+            case.paired_ratio = _interleaved(connections[0].call, pair_with)
+        answer = connections[0].answer
     finally:
-        for c in channels:
-            c.close()
+        for conn in connections:
+            conn.close()
     if protocol == "grpc":
-        response = service_pb2.ModelInferResponse.FromString(last[0])
+        response = service_pb2.ModelInferResponse.FromString(answer)
         got = np.frombuffer(response.raw_output_contents[0], np.float32)
         if not np.allclose(got, REFERENCE_OUTPUTS[model].ravel(), rtol=1e-5, atol=1e-5):
             raise SystemExit(f"{model} grpc: the answer differs from in-process")
@@ -495,7 +479,7 @@ class ThinConnection:
         self.sock.close()
 
 
-def _select_loop(connections: list[ThinConnection], budget: Budget,
+def _select_loop(connections: list[ThinConnection] | list[ThinGrpcConnection], budget: Budget,
                  ) -> tuple[list[float], float, float]:
     """Closed-loop load from one thread: each connection sends again as soon as its answer is
     in (a selector waits for the next answer). Latencies, elapsed, client CPU."""

@@ -72,9 +72,10 @@ print(','.join(heavy))
 
 def test_a_running_agent_loads_only_what_its_configuration_needs(tmp_path: Path) -> None:
     """Started for real (gRPC on, no hub, no broker, no .tflite model) and asked for its
-    status, the agent has not loaded LiteRT (11 MB), Triton's client package (its gRPC
-    messages come without it), the HTTP client, WebSockets or the hub's TUF stack
-    (docs/decisions.md, "Memory that comes back")."""
+    status, the agent has not loaded LiteRT (11 MB), grpcio (15 MB of resident code: its gRPC
+    is its own HTTP/2), Triton's client package (its gRPC messages come without it), the HTTP
+    client, WebSockets or the hub's TUF stack (docs/decisions.md, "Memory that comes back",
+    "gRPC on the agent's own HTTP/2")."""
     with socket.socket() as a, socket.socket() as b:
         a.bind(("127.0.0.1", 0))
         b.bind(("127.0.0.1", 0))
@@ -100,7 +101,7 @@ status = asyncio.run(main())
 assert status["backends"]["tflite"]["loaded"] is False, status["backends"]
 assert [m["state"] for m in status["models"]] == ["ready"], status["models"]
 unwanted = {{"ai_edge_litert", "tflite_runtime", "httpx", "tuf", "websockets", "rapidjson",
-            "ml_dtypes", "tritonclient.grpc"}}
+            "ml_dtypes", "tritonclient.grpc", "grpc"}}
 loaded = set(sys.modules) | {{m.split(".")[0] for m in sys.modules}}
 print(",".join(sorted(loaded & unwanted)))
 """
