@@ -272,11 +272,11 @@ class Agent:
         task = asyncio.create_task(server.main_loop(), name=f"http-main-loop {listen}")
         self._servers.append((server, task))
 
-    # ---- gRPC (issue 14): the same services as HTTP, on grpcio's asyncio server -----------
+    # ---- gRPC (issue 14): the same services as HTTP, on the agent's own HTTP/2 ------------
 
     async def _start_grpc(self) -> None:
         """Serve ``inference.GRPCInferenceService`` on ``grpc.listen`` (empty: not at all;
-        grpcio is then never imported)."""
+        its messages and protobuf are then never imported)."""
         listen = self.config.grpc.listen
         if not listen:
             return

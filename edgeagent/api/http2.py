@@ -194,7 +194,7 @@ def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> byte
             + stream_id.to_bytes(4, "big") + payload)
 
 
-_TIMEOUT = re.compile(rb"^([0-9]{1,8})([HMSmun])$")
+_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _RESERVED = frozenset((b"content-type", b"te", b"grpc-timeout", b"grpc-encoding",
                        b"grpc-accept-encoding", b"connection", b"host"))
@@ -206,9 +206,9 @@ def parse_timeout(value: bytes) -> float:
     Raises:
         ValueError: not of the form ``<1-8 digits><H|M|S|m|u|n>``.
     """
-    match = _TIMEOUT.match(value)
+    match = _TIMEOUT.fullmatch(value)
     if match is None:
-        raise ValueError(f"bad grpc-timeout {value!r}")
+        raise ValueError(f"bad grpc-timeout {value.decode('latin-1')!r}")
     return int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
 
 
@@ -258,6 +258,7 @@ class _Stream:
         "message",
         "method",
         "pending",
+        "queued",
         "receiving",
         "recv_window",
         "send_window",
@@ -275,9 +276,11 @@ class _Stream:
         self.encoding = b"identity"
         self.send_window = conn.peer_initial_window
         self.recv_window = STREAM_WINDOW
+        self.queued = 0  # bytes (on the wire) of whole messages not read by the method yet
         self.buffer = bytearray()
         self.message: bytes | None = None  # a unary call's one message
-        self.inbox: list[bytes | None] = []  # a streaming call's messages, None at the end
+        self.inbox: list[tuple[bytes, int] | None] = []
+        """A streaming call's messages with their size on the wire; None at the end."""
         self.waiting: asyncio.Future[None] | None = None
         self.receiving = True
         self.headers_sent = False
@@ -319,7 +322,7 @@ class _Stream:
                 pos += 5 + length
                 if flag:
                     message = self._decompress(message)
-                self._deliver(message)
+                self._deliver(message, 5 + length)
             rest = None if buffer else bytes(view[pos:])
         finally:
             if buffer:
@@ -350,13 +353,14 @@ class _Stream:
                            f"the message is truncated {self.encoding.decode()} data")
         return out
 
-    def _deliver(self, message: bytes) -> None:
+    def _deliver(self, message: bytes, wire: int) -> None:
         if self.method.unary is not None:
             if self.message is not None:
                 raise RpcError(StatusCode.INTERNAL, "a unary call sent more than one message")
             self.message = message
             return
-        self.inbox.append(message)
+        self.inbox.append((message, wire))
+        self.queued += wire
         self._wake()
 
     def _wake(self) -> None:
@@ -383,9 +387,12 @@ class _Stream:
             self.waiting = self.conn.loop.create_future()
             await self.waiting
             self.waiting = None
-        message = self.inbox.pop(0)
-        if message is not None:
-            self.conn.consumed(self, 5 + len(message))
+        entry = self.inbox.pop(0)
+        if entry is None:
+            return None
+        message, wire = entry
+        self.queued -= wire
+        self.conn.reopen(self)
         return message
 
     # -- output --
@@ -493,7 +500,6 @@ class GrpcConnection(asyncio.Protocol):
             self.closed = True
             stream.abort()
             return
-        stream.write(_SERVER_PREFACE)
         self._timer = self.loop.call_later(self.server.header_timeout_s, self._preface_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -547,6 +553,8 @@ class GrpcConnection(asyncio.Protocol):
                 return
             del buf[:len(PREFACE)]
             self.preface = True
+            # Only now: a client that is not HTTP/2 gets nothing but the 400 of _bad_preface.
+            self._write(_SERVER_PREFACE)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -713,6 +721,9 @@ class GrpcConnection(asyncio.Protocol):
             if len(block) < 5:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             block = block[5:]
+        if len(block) > MAX_HEADER_BLOCK:
+            raise _ConnectionError(ENHANCE_YOUR_CALM,
+                                   f"a header block over {MAX_HEADER_BLOCK} bytes")
         if not flags & END_HEADERS:
             self.continuing = (stream_id, flags, bytearray(block))
             return
@@ -769,6 +780,8 @@ class GrpcConnection(asyncio.Protocol):
         assert request.path is not None
         entry = self.server.methods.get(request.path)
         stream = _Stream(self, stream_id, entry or _UNKNOWN)
+        # A request in one HEADERS frame has ended its side already: no RST after the answer.
+        stream.receiving = not flags & END_STREAM
         self.streams[stream_id] = stream
         stream.call = Call(stream, request.metadata)
         if entry is None:
@@ -799,6 +812,8 @@ class GrpcConnection(asyncio.Protocol):
     def _data(self, flags: int, stream_id: int, view: memoryview) -> None:
         if stream_id == 0:
             raise _ConnectionError(PROTOCOL_ERROR, "DATA on stream 0")
+        if self.continuing is not None:
+            raise _ConnectionError(PROTOCOL_ERROR, "a header block was interrupted")
         size = len(view)
         self.recv_window -= size
         if self.recv_window < 0:
@@ -822,13 +837,12 @@ class GrpcConnection(asyncio.Protocol):
         data = _unpadded(view) if flags & PADDED else view
         try:
             stream.feed(data)
-            if stream.method.unary is not None:
-                self.consumed(stream, size)  # bounded by the message limit already
-            elif len(data) < size:
-                self.consumed(stream, size - len(data))  # the padding
+            self.reopen(stream)
             if flags & END_STREAM:
                 self._input_ended(stream)
         except RpcError as exc:
+            if flags & END_STREAM:
+                stream.receiving = False  # its side is closed: no RST after the answer
             self._answer_error(stream, exc.code, exc.details)
 
     def _input_ended(self, stream: _Stream) -> None:
@@ -837,14 +851,17 @@ class GrpcConnection(asyncio.Protocol):
         except RpcError as exc:
             self._answer_error(stream, exc.code, exc.details)
 
-    def consumed(self, stream: _Stream, size: int) -> None:
-        """Re-open ``size`` bytes of the stream's window (once half of it is used)."""
+    def reopen(self, stream: _Stream) -> None:
+        """Re-open the stream's window for what it received that is not waiting to be read
+        (padding, a message being assembled, messages read), once that is half the window: a
+        streaming method that reads slowly holds its client to one window of unread messages,
+        and a message larger than the window still arrives."""
         if not stream.receiving or stream.done:
             return
-        used = STREAM_WINDOW - stream.recv_window
-        if used >= STREAM_WINDOW // 2 or (used and size >= STREAM_WINDOW // 2):
-            self._write(_frame(WINDOW_UPDATE, 0, stream.id, used.to_bytes(4, "big")))
-            stream.recv_window = STREAM_WINDOW
+        free = STREAM_WINDOW - stream.recv_window - stream.queued
+        if free >= STREAM_WINDOW // 2:
+            self._write(_frame(WINDOW_UPDATE, 0, stream.id, free.to_bytes(4, "big")))
+            stream.recv_window += free
 
     # -- calls --
 
