@@ -1,7 +1,8 @@
 """The thinnest honest gRPC client, for the benchmark's gRPC rows (as ``ThinConnection`` is for
 its HTTP rows): one HTTP/2 connection with prior knowledge, one unary call at a time, the
-request's frames encoded once (only the stream id changes), the answer's frames parsed for flow
-control and the call's status, every header block decoded with ``hpack`` (so any server's
+request's frames encoded once (only the stream id changes; the header block names the
+headers by index after the first call, as gRPC clients' HPACK does), the answer's frames parsed
+for flow control and the call's status, every header block decoded with ``hpack`` (so any server's
 answers are read right, not only the agent's).
 
 It sends what grpcio's client sends for a unary call (``:method POST``, ``:scheme http``,
@@ -17,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -41,9 +42,14 @@ class ThinGrpcConnection:
         self.sock = connect()
         if self.sock.family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.block = Encoder().encode([NeverIndexedHeaderTuple(n, v) for n, v in (
-            (":method", "POST"), (":scheme", "http"), (":path", path), (":authority", authority),
-            ("content-type", "application/grpc"), ("te", "trailers"))], huffman=False)
+        # As gRPC clients do: the first call's headers go into the server's dynamic table, later
+        # calls name them by index (a few bytes per call, the same bytes every time).
+        encoder = Encoder()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
+                   (":authority", authority), ("content-type", "application/grpc"),
+                   ("te", "trailers")]
+        self.first_block = encoder.encode(headers)
+        self.block = encoder.encode(headers)
         self.framed = b"\x00" + len(message).to_bytes(4, "big") + message
         self.decoder = Decoder()
         self.sent_at = 0.0
@@ -80,9 +86,9 @@ class ThinGrpcConnection:
                             for i in range(0, len(view), self.max_frame)]
             self._chunks_for = self.max_frame
         sid_bytes = sid.to_bytes(4, "big")
+        block = self.first_block if sid == 1 else self.block
         parts: list[bytes | memoryview] = [
-            len(self.block).to_bytes(3, "big") + bytes((HEADERS, END_HEADERS)) + sid_bytes,
-            self.block]
+            len(block).to_bytes(3, "big") + bytes((HEADERS, END_HEADERS)) + sid_bytes, block]
         for i, chunk in enumerate(self._chunks):
             flags = END_STREAM if i == len(self._chunks) - 1 else 0
             parts += (len(chunk).to_bytes(3, "big") + bytes((DATA, flags)) + sid_bytes, chunk)

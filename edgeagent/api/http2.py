@@ -476,6 +476,7 @@ class GrpcConnection(asyncio.Protocol):
         self.inbuf = bytearray()
         self.preface = False
         self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self._seen: dict[bytes, _Request] = {}
         self.streams: dict[int, _Stream] = {}
         self.last_stream = 0
         self.continuing: tuple[int, int, bytearray] | None = None
@@ -741,14 +742,33 @@ class GrpcConnection(asyncio.Protocol):
             self.continuing = None
             self._headers(stream_id, first_flags, bytes(block))
 
-    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+    def _decode(self, block: bytes) -> _Request:
+        """A request's header block, decoded (HPACK state kept for the next block).
+
+        A block made only of one-byte indexed fields (what a client sends once its headers
+        are in the dynamic table: every call of a channel but the first) changes no HPACK
+        state, so while no other block has come since, the same bytes mean the same headers:
+        those are decoded once per connection.
+        """
+        request = self._seen.get(block)
+        if request is not None:
+            return request
         try:
-            headers = self.decoder.decode(block, raw=True)
+            request = _Request(self.decoder.decode(block, raw=True))
         except OversizedHeaderListError:
             raise _ConnectionError(ENHANCE_YOUR_CALM,
                                    f"request headers over {MAX_HEADER_LIST} bytes") from None
         except HPACKError as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        if block and min(block) > 0x80 and max(block) < 0xFF:
+            if len(self._seen) < 16:
+                self._seen[block] = request
+        else:
+            self._seen.clear()  # the dynamic table may have changed: indices mean new things
+        return request
+
+    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+        request = self._decode(block)
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client: they must end the stream
             if not flags & END_STREAM or not stream.receiving:
@@ -761,7 +781,6 @@ class GrpcConnection(asyncio.Protocol):
         if self.going_away or len(self.streams) >= MAX_STREAMS:
             self._reset(stream_id, REFUSED_STREAM)
             return
-        request = _Request(headers)
         if request.method is None or request.path is None:
             self._reset(stream_id, PROTOCOL_ERROR)
             return
