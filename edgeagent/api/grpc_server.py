@@ -35,6 +35,7 @@ from edgeagent.api.grpc_codec import decode_infer, encode_infer
 from edgeagent.api.grpc_messages import model_config_pb2, service_pb2
 from edgeagent.api.http2 import Call, GrpcHttp2Server, Method, RpcError, StatusCode
 from edgeagent.api.infer import parse_version
+from edgeagent.api.protocol import connection_cap
 from edgeagent.api.triton import server_metadata
 from edgeagent.errors import EdgeAgentError
 from edgeagent.runtime.shm import RegionExists, RegionForbidden
@@ -362,7 +363,9 @@ class GrpcServer:
         http = services.config.http
         self._server = GrpcHttp2Server(
             _methods(InferenceServicer(services)), max_message_bytes=http.max_request_bytes,
-            max_connections=http.max_connections, header_timeout_s=http.header_timeout_s,
+            # As each HTTP listener's: below the open-file limit, with room for the rest.
+            max_connections=connection_cap(http.max_connections),
+            header_timeout_s=http.header_timeout_s,
             body_timeout_s=http.body_timeout_s)
 
     @property

@@ -1102,10 +1102,17 @@ class GrpcHttp2Server:
         self._server: asyncio.Server | None = None
         self._uds: Path | None = None
         self.refused = 0
+        self._refused_logged = -60.0
 
     def admit(self, conn: GrpcConnection) -> bool:
         if len(self.connections) >= self.max_connections:
             self.refused += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._refused_logged >= 60:
+                self._refused_logged = now
+                log.warning("gRPC: refusing connections: %d are open (http.max_connections, "
+                            "below the open-file limit); %d refused so far",
+                            len(self.connections), self.refused)
             return False
         self.connections.add(conn)
         return True

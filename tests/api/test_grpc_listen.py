@@ -1,5 +1,5 @@
-"""Where the gRPC listener listens, what its token rules are, and that turning it off keeps
-grpcio out of the process."""
+"""Where the gRPC listener listens, what its token rules are, how many connections it takes,
+and that turning it off keeps its messages (and protobuf) out of the process."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def test_bad_grpc_listen_is_a_config_error(listen: str, words: str) -> None:
     assert words in str(info.value)
 
 
-def test_grpc_off_never_imports_grpcio(tmp_path: Path) -> None:
-    """``grpc.listen = ""``: the agent serves HTTP and never loads grpcio or the stubs."""
+def test_grpc_off_never_imports_its_messages(tmp_path: Path) -> None:
+    """``grpc.listen = ""``: the agent serves HTTP and never loads Triton's messages, protobuf
+    or hpack (nor grpcio, which it never loads at all)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -55,7 +56,8 @@ async def main():
     await agent.start()
     await agent.stop()
 asyncio.run(main())
-print(",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {{"grpc", "tritonclient"}})))
+loaded = set(sys.modules) | {{m.split(".")[0] for m in sys.modules}}
+print(",".join(sorted(loaded & {{"grpc", "tritonclient", "google.protobuf", "hpack"}})))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO, timeout=120)
@@ -104,5 +106,34 @@ def test_draining_agent_answers_not_ready(tmp_path: Path) -> None:
                 stub.ModelInfer(service_pb2.ModelInferRequest(model_name="mlp"))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
             running.agent._draining = False
+    finally:
+        running.stop()
+
+
+def test_grpc_connections_over_the_cap_are_closed(tmp_path: Path) -> None:
+    """``http.max_connections`` bounds the gRPC listener's connections too: one over it is
+    closed at once, and a connection is taken again once one has closed."""
+    running = AgentThread(make_config(tmp_path, token=False, max_connections=2)).start()
+    host, _, port = running.grpc_url.rpartition(":")
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))
+    try:
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+        for conn in held:
+            conn.sendall(preface)
+            assert conn.recv(9)[3] == 4  # the server's SETTINGS: the connection is served
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            try:
+                extra.sendall(preface)
+                answer = extra.recv(1024)
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
+            assert answer == b""  # closed without a frame
+        held.pop().close()
+        with grpc.insecure_channel(running.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            # wait_for_ready: the closed connection may still be counted for a moment.
+            assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10,
+                                   wait_for_ready=True).live
+        held[0].close()
     finally:
         running.stop()
