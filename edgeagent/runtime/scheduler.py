@@ -78,6 +78,7 @@ class InferenceScheduler:
     def __init__(self, manager: ModelManager) -> None:
         self._manager = manager
         self._lanes: dict[str, _Lane] = {}
+        self._active = 0  # requests inside infer() now, running or waiting (the loop's count)
         self._stats: dict[str, ModelStats] = {}
 
     def configure(self, limits: Mapping[str, ModelLimits]) -> None:
@@ -150,6 +151,17 @@ class InferenceScheduler:
             DeadlineExceeded: ``timeout_us`` passed while the request was queued.
             ModelNotFound, ModelNotReady, InferenceInputError, InferenceError: from the manager.
         """
+        self._active += 1
+        try:
+            return await self._infer(name, inputs, output_names, version, priority=priority,
+                                     timeout_us=timeout_us)
+        finally:
+            self._active -= 1
+
+    async def _infer(self, name: str, inputs: Mapping[str, np.ndarray],
+                     output_names: Sequence[str] | None, version: int | None, *,
+                     priority: int, timeout_us: int,
+                     ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         mv = self._manager.get(name, version)  # unknown / not ready: fail before queueing
         lane = self._lane(name)
         deadline = time.perf_counter_ns() + timeout_us * 1000 if timeout_us else 0
@@ -206,7 +218,9 @@ class InferenceScheduler:
         lane.stats.in_flight += 1
         ok, served = False, expected
         try:
-            mv, outputs = await self._manager.infer(name, inputs, output_names, version)
+            # Alone: no other request in the agent is running or waiting (this one counts).
+            mv, outputs = await self._manager.infer(name, inputs, output_names, version,
+                                                    alone=self._active == 1)
             ok, served = True, mv.version
         finally:
             lane.running.release()

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+import edgeagent.runtime.manager as manager_module
 from edgeagent.errors import InferenceError, InferenceInputError, Overloaded
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.onnx_backend import OnnxBackend
@@ -363,7 +364,8 @@ def test_a_tiny_model_s_batches_run_on_the_loop_unless_a_run_is_in_a_worker(
         assert model.threads[runs:] == [loop_thread]  # one batch of three, on the loop
 
         GatedBackend.gate.clear()
-        mv.ns_per_byte = 1e6  # this one to a worker, where it waits for the gate
+        # Predicted 80 ms: to a worker (even alone), where it waits for the gate.
+        mv.ns_per_byte = 1e7
         slow = asyncio.create_task(sched.infer("m", {"x": np.ones(2, np.float32)}))
         while len(model.threads) == runs + 1:
             await asyncio.sleep(0.005)
@@ -382,6 +384,51 @@ def test_a_tiny_model_s_batches_run_on_the_loop_unless_a_run_is_in_a_worker(
         for x, task in zip(xs, batch, strict=True):
             _, out = await task
             np.testing.assert_array_equal(out["y"], x * 2)
+        await finish(mgr)
+
+    asyncio.run(go())
+
+
+def test_a_request_alone_in_the_agent_runs_on_the_loop_if_predicted_short(
+        tmp_path: Path, gated_registry: BackendRegistry) -> None:
+    """With no other request running or waiting and no run in a worker, a run predicted
+    under ``IDLE_INLINE_RUN_NS`` skips the hand-off to a worker and back; with another request
+    in flight, or predicted longer, it goes to a worker."""
+    async def go() -> None:
+        GatedBackend.gate.set()
+        mgr, sched = await serving(gated_file(tmp_path, "x2", 2.0),
+                                   ModelLimits(max_concurrency=2), registry=gated_registry)
+        model, mv = GatedBackend.made[-1], mgr.get("m")
+        loop_thread = threading.current_thread()
+        x = np.ones(2, np.float32)  # 8 bytes
+
+        async def ran_on() -> threading.Thread:
+            _, out = await sched.infer("m", {"x": x})
+            np.testing.assert_array_equal(out["y"], x * 2)
+            return model.threads[-1]
+
+        assert await ran_on() is not loop_thread  # never timed: to a worker
+        mv.ns_per_byte = 1e6  # predicted 8 ms: over INLINE_RUN_NS, under IDLE_INLINE_RUN_NS
+        assert manager_module.INLINE_RUN_NS < 8e6 < manager_module.IDLE_INLINE_RUN_NS
+        assert await ran_on() is loop_thread
+        assert mv.ran_since_release  # may have grown the runtime's memory: released later
+        mv.ns_per_byte = 2e6  # predicted 16 ms: to a worker even alone
+        assert await ran_on() is not loop_thread
+
+        # Another request in flight (in a worker, held at the gate): not alone.
+        GatedBackend.gate.clear()
+        mv.ns_per_byte = 1e7
+        runs = len(model.threads)
+        slow = asyncio.create_task(sched.infer("m", {"x": x}))
+        while len(model.threads) == runs:
+            await asyncio.sleep(0.005)
+        mv.ns_per_byte = 1e6
+        second = asyncio.create_task(ran_on())
+        while len(model.threads) == runs + 1:
+            await asyncio.sleep(0.005)
+        GatedBackend.gate.set()
+        assert await second is not loop_thread
+        await slow
         await finish(mgr)
 
     asyncio.run(go())
