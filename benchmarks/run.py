@@ -345,15 +345,17 @@ def shared_memory(port: int, model: str) -> Iterator[Any]:
     handles = [shm.create_shared_memory_region(f"{model}-in", f"{tag}-in", x.nbytes),
                shm.create_shared_memory_region(f"{model}-out", f"{tag}-out",
                                                OUTPUT_BYTES[model])]
-    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
     try:
         shm.set_shared_memory_region(handles[0], [x])
-        client.register_system_shared_memory(f"{model}-in", f"{tag}-in", x.nbytes)
-        client.register_system_shared_memory(f"{model}-out", f"{tag}-out", OUTPUT_BYTES[model])
+        # A connection of its own, closed before the load: the agent sees one client then.
+        with contextlib.closing(triton.InferenceServerClient(f"127.0.0.1:{port}")) as client:
+            client.register_system_shared_memory(f"{model}-in", f"{tag}-in", x.nbytes)
+            client.register_system_shared_memory(f"{model}-out", f"{tag}-out",
+                                                 OUTPUT_BYTES[model])
         yield handles[1]
     finally:
-        client.unregister_system_shared_memory()
-        client.close()
+        with contextlib.closing(triton.InferenceServerClient(f"127.0.0.1:{port}")) as client:
+            client.unregister_system_shared_memory()
         for handle in handles:
             shm.destroy_shared_memory_region(handle)
 

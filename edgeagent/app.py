@@ -87,6 +87,7 @@ class Agent:
             infer_workers=max(4, sum(m.max_concurrency for m in config.models)))
         base = self.base_dir = config_dir(config)
         self.scheduler = InferenceScheduler(self.manager)
+        self.scheduler.quiet = self._one_client
         self.token = read_token(config)
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
         self._grpc: GrpcServer | None = None
@@ -273,6 +274,15 @@ class Agent:
         self._servers.append((server, task))
 
     # ---- gRPC (issue 14): the same services as HTTP, on the agent's own HTTP/2 ------------
+
+    def _one_client(self) -> bool:
+        """Whether at most one client is connected (HTTP connections on every listener, gRPC
+        connections, a gRPC connection with several calls open counting each): the
+        scheduler's "alone" rule for running a short inference on the event loop."""
+        parties = sum(len(server.server_state.connections) for server, _ in self._servers)
+        if self._grpc is not None:
+            parties += self._grpc.parties()
+        return parties <= 1
 
     async def _start_grpc(self) -> None:
         """Serve ``inference.GRPCInferenceService`` on ``grpc.listen`` (empty: not at all;

@@ -373,6 +373,10 @@ class GrpcServer:
         """The TCP port listened on (0 on a Unix socket)."""
         return self._server.port
 
+    def parties(self) -> int:
+        """Connections open, counting each call of a connection with several open."""
+        return self._server.parties()
+
     async def start(self) -> None:
         """Bind and start serving.
 

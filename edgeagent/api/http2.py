@@ -1104,6 +1104,10 @@ class GrpcHttp2Server:
         self.refused = 0
         self._refused_logged = -60.0
 
+    def parties(self) -> int:
+        """Clients that may be sending: each connection, or each call open on it if more."""
+        return sum(max(1, len(c.streams)) for c in self.connections)
+
     def admit(self, conn: GrpcConnection) -> bool:
         if len(self.connections) >= self.max_connections:
             self.refused += 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,10 @@ class InferenceScheduler:
         self._manager = manager
         self._lanes: dict[str, _Lane] = {}
         self._active = 0  # requests inside infer() now, running or waiting (the loop's count)
+        self.quiet: Callable[[], bool] = lambda: True
+        """Whether no other client may have a request on its way: the agent sets it to "at
+        most one client connection open" (a request still in a socket is not in the
+        scheduler yet). With :attr:`_active` it decides when a request is alone."""
         self._stats: dict[str, ModelStats] = {}
 
     def configure(self, limits: Mapping[str, ModelLimits]) -> None:
@@ -218,9 +222,11 @@ class InferenceScheduler:
         lane.stats.in_flight += 1
         ok, served = False, expected
         try:
-            # Alone: no other request in the agent is running or waiting (this one counts).
+            # Alone: no other request in the agent is running or waiting (this one counts),
+            # and no other client is connected whose next request could be waiting unread.
+            alone = self._active == 1 and self.quiet()
             mv, outputs = await self._manager.infer(name, inputs, output_names, version,
-                                                    alone=self._active == 1)
+                                                    alone=alone)
             ok, served = True, mv.version
         finally:
             lane.running.release()

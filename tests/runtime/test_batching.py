@@ -391,9 +391,10 @@ def test_a_tiny_model_s_batches_run_on_the_loop_unless_a_run_is_in_a_worker(
 
 def test_a_request_alone_in_the_agent_runs_on_the_loop_if_predicted_short(
         tmp_path: Path, gated_registry: BackendRegistry) -> None:
-    """With no other request running or waiting and no run in a worker, a run predicted
-    under ``IDLE_INLINE_RUN_NS`` skips the hand-off to a worker and back; with another request
-    in flight, or predicted longer, it goes to a worker."""
+    """With no other request running or waiting, no other client connected and no run in a
+    worker, a run predicted under ``IDLE_INLINE_RUN_NS`` skips the hand-off to a worker and
+    back; with another request in flight or another client, or predicted longer, it goes to a
+    worker."""
     async def go() -> None:
         GatedBackend.gate.set()
         mgr, sched = await serving(gated_file(tmp_path, "x2", 2.0),
@@ -412,6 +413,9 @@ def test_a_request_alone_in_the_agent_runs_on_the_loop_if_predicted_short(
         assert manager_module.INLINE_RUN_NS < 8e6 < manager_module.IDLE_INLINE_RUN_NS
         assert await ran_on() is loop_thread
         assert mv.ran_since_release  # may have grown the runtime's memory: released later
+        sched.quiet = lambda: False  # another client connected: its request may be unread
+        assert await ran_on() is not loop_thread
+        sched.quiet = lambda: True
         mv.ns_per_byte = 2e6  # predicted 16 ms: to a worker even alone
         assert await ran_on() is not loop_thread
 
