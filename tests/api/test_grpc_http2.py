@@ -404,6 +404,12 @@ CONNECTION_ERRORS: list[tuple[str, Callable[[Raw], list[bytes]], int]] = [
                                         + b"\0\0\0\0\0\1"], FRAME_SIZE_ERROR),
     ("not HPACK", lambda c: [frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\x0f")],
      COMPRESSION_ERROR),
+    # RFC 7541 4.2 allows two; hpack would spend ~90 ms of the loop on 64 KiB of them.
+    ("three table size updates", lambda c: [frame(HEADERS, END_HEADERS, 1, b"\x20" * 3)],
+     COMPRESSION_ERROR),
+    ("a size update of 60,000 bytes", lambda c: [frame(HEADERS, END_HEADERS, 1,
+                                                       b"\x3f" + b"\x80" * 60000 + b"\x01")],
+     COMPRESSION_ERROR),
     ("header list over 16 KiB", lambda c: [c.headers(1, extra=(("x-big", "a" * 20000),))],
      ENHANCE_YOUR_CALM),
     ("HEADERS frame over 64 KiB", lambda c: [  # table size updates: slow to decode
