@@ -85,6 +85,14 @@ MAX_HEADER_BLOCK = 64 << 10
 """Bytes of encoded header block (HEADERS and its CONTINUATIONs) accepted."""
 MAX_DETAILS = 4096
 """Characters of an error's text sent in ``grpc-message``."""
+MAX_SETTINGS = 32
+"""Entries one SETTINGS frame may carry (a client sends a handful; a 1 MiB frame of them would
+be ~175,000 for the loop to walk)."""
+MAX_RESETS = 1000
+RESET_WINDOW_S = 10.0
+"""Calls a client may cancel (RST_STREAM on a call still running) per window on one connection;
+more is the "rapid reset" attack (CVE-2023-44487: open, cancel, repeat, each costing the server
+a call) and gets GOAWAY ENHANCE_YOUR_CALM."""
 OUTPUT_HIGH_WATER = 8 << 20
 """Bytes queued to a peer that is not reading past which its input is no longer read."""
 
@@ -510,6 +518,8 @@ class GrpcConnection(asyncio.Protocol):
         self.paused = False
         self._writable: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._resets = 0
+        self._resets_since = self.loop.time()
 
     # -- transport callbacks --
 
@@ -658,6 +668,7 @@ class GrpcConnection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             stream = self.streams.get(stream_id)
             if stream is not None:
+                self._count_reset()
                 self._drop(stream)
         elif ftype == GOAWAY:
             if stream_id or len(payload) < 8:
@@ -673,6 +684,15 @@ class GrpcConnection(asyncio.Protocol):
             raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
         # Frames of unknown types are ignored (section 4.1).
 
+    def _count_reset(self) -> None:
+        now = self.loop.time()
+        if now - self._resets_since > RESET_WINDOW_S:
+            self._resets_since, self._resets = now, 0
+        self._resets += 1
+        if self._resets > MAX_RESETS:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"more than {MAX_RESETS} calls cancelled "
+                                   f"by the client within {RESET_WINDOW_S:g} s")
+
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id:
             raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
@@ -682,27 +702,33 @@ class GrpcConnection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR, "a SETTINGS payload is 6-byte entries")
+        if len(payload) > 6 * MAX_SETTINGS:
+            raise _ConnectionError(ENHANCE_YOUR_CALM,
+                                   f"a SETTINGS frame of more than {MAX_SETTINGS} entries")
         for i in range(0, len(payload), 6):
-            key = int.from_bytes(payload[i:i + 2], "big")
-            value = int.from_bytes(payload[i + 2:i + 6], "big")
-            if key == SETTINGS_ENABLE_PUSH and value > 1:
-                raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH must be 0 or 1")
-            if key == SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window over 2^31-1")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise _ConnectionError(FLOW_CONTROL_ERROR, "a window over 2^31-1")
-            elif key == SETTINGS_MAX_FRAME_SIZE:
-                if not 16384 <= value <= 16777215:
-                    raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
-                self.peer_max_frame = value
+            self._setting(int.from_bytes(payload[i:i + 2], "big"),
+                          int.from_bytes(payload[i + 2:i + 6], "big"))
         assert self.transport is not None
         self.transport.write(_SETTINGS_ACK)
         self._flush_all()
+
+    def _setting(self, key: int, value: int) -> None:
+        """One entry of the peer's SETTINGS (those that matter to a server; others ignored)."""
+        if key == SETTINGS_ENABLE_PUSH and value > 1:
+            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH must be 0 or 1")
+        if key == SETTINGS_INITIAL_WINDOW_SIZE:
+            if value > MAX_WINDOW:
+                raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window over 2^31-1")
+            delta = value - self.peer_initial_window
+            self.peer_initial_window = value
+            for stream in self.streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR, "a window over 2^31-1")
+        elif key == SETTINGS_MAX_FRAME_SIZE:
+            if not 16384 <= value <= 16777215:
+                raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+            self.peer_max_frame = value
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:

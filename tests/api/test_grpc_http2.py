@@ -438,6 +438,12 @@ CONNECTION_ERRORS: list[tuple[str, Callable[[Raw], list[bytes]], int]] = [
     ("initial window past 2^31-1", lambda c: [
         frame(SETTINGS, 0, 0, b"\0\4" + (2**31).to_bytes(4, "big"))], FLOW_CONTROL_ERROR),
     ("SETTINGS of 7 bytes", lambda c: [frame(SETTINGS, 0, 0, b"\0" * 7)], FRAME_SIZE_ERROR),
+    ("SETTINGS of 33 entries", lambda c: [frame(SETTINGS, 0, 0, b"\0\3\0\0\0\1" * 33)],
+     ENHANCE_YOUR_CALM),
+    # Rapid reset (CVE-2023-44487): open a call, cancel it, again and again.
+    ("1001 calls opened and cancelled", lambda c: [
+        c.headers(sid) + frame(RST_STREAM, 0, sid, CANCEL.to_bytes(4, "big"))
+        for sid in range(1, 2 * 1001 + 1, 2)], ENHANCE_YOUR_CALM),
     ("PING of 7 bytes", lambda c: [frame(PING, 0, 0, b"\0" * 7)], FRAME_SIZE_ERROR),
     ("PING of 9 bytes", lambda c: [frame(PING, 0, 0, b"\0" * 9)], FRAME_SIZE_ERROR),
     ("padding as long as the frame", lambda c: [
