@@ -286,9 +286,11 @@ class _Stream:
         self.recv_window = STREAM_WINDOW
         self.queued = 0  # bytes (on the wire) of whole messages not read by the method yet
         self.buffer = bytearray()
-        self.message: bytes | None = None  # a unary call's one message
-        self.inbox: list[tuple[bytes, int] | None] = []
-        """A streaming call's messages with their size on the wire; None at the end."""
+        self.message: tuple[bytes, bool] | None = None
+        """A unary call's one message, and whether it is compressed."""
+        self.inbox: list[tuple[bytes, int, bool] | None] = []
+        """A streaming call's messages, their size on the wire and whether compressed; None at
+        the end."""
         self.waiting: asyncio.Future[None] | None = None
         self.receiving = True
         self.headers_sent = False
@@ -328,9 +330,10 @@ class _Stream:
                     break
                 message = bytes(view[pos + 5:pos + 5 + length])
                 pos += 5 + length
-                if flag:
-                    message = self._decompress(message)
-                self._deliver(message, 5 + length)
+                if flag and self.encoding == b"identity":
+                    raise RpcError(StatusCode.INTERNAL,
+                                   "a compressed message on a call without grpc-encoding")
+                self._deliver(message, 5 + length, bool(flag))
             rest = None if buffer else bytes(view[pos:])
         finally:
             if buffer:
@@ -340,10 +343,12 @@ class _Stream:
         elif rest:
             buffer += rest
 
+    async def inflate(self, data: bytes) -> bytes:
+        """A compressed message, inflated in a worker thread (up to the message limit: a
+        small message may inflate to it, which is not work for the event loop)."""
+        return await self.conn.loop.run_in_executor(None, self._decompress, data)
+
     def _decompress(self, data: bytes) -> bytes:
-        if self.encoding == b"identity":
-            raise RpcError(StatusCode.INTERNAL,
-                           "a compressed message on a call without grpc-encoding")
         wbits = 31 if self.encoding == b"gzip" else 15
         inflater = zlib.decompressobj(wbits)
         try:
@@ -361,13 +366,13 @@ class _Stream:
                            f"the message is truncated {self.encoding.decode()} data")
         return out
 
-    def _deliver(self, message: bytes, wire: int) -> None:
+    def _deliver(self, message: bytes, wire: int, compressed: bool) -> None:
         if self.method.unary is not None:
             if self.message is not None:
                 raise RpcError(StatusCode.INTERNAL, "a unary call sent more than one message")
-            self.message = message
+            self.message = (message, compressed)
             return
-        self.inbox.append((message, wire))
+        self.inbox.append((message, wire, compressed))
         self.queued += wire
         self._wake()
 
@@ -398,10 +403,10 @@ class _Stream:
         entry = self.inbox.pop(0)
         if entry is None:
             return None
-        message, wire = entry
+        message, wire, compressed = entry
         self.queued -= wire
         self.conn.reopen(self)
-        return message
+        return await self.inflate(message) if compressed else message
 
     # -- output --
 
@@ -937,13 +942,17 @@ class GrpcConnection(asyncio.Protocol):
         if stream.timer is not None and not stream.deadline:
             stream.timer.cancel()  # the body timer: the body is in
             stream.timer = None
+        message, compressed = stream.message
         stream.task = self.loop.create_task(self._run_unary(stream, stream.method.unary,
-                                                            stream.message))
+                                                            message, compressed))
         stream.message = None
 
-    async def _run_unary(self, stream: _Stream, method: Unary, message: bytes) -> None:
+    async def _run_unary(self, stream: _Stream, method: Unary, message: bytes,
+                         compressed: bool) -> None:
         assert stream.call is not None
         try:
+            if compressed:
+                message = await stream.inflate(message)
             response = await method(message, stream.call)
         except RpcError as exc:
             self._answer_error(stream, exc.code, exc.details)

@@ -310,6 +310,22 @@ def test_compressed_message(raw: Raw, expected: bytes, encoding: str) -> None:
     answer = raw.call(1, message(packed, flag=1), extra=(("grpc-encoding", encoding),))
     assert_infer_ok(answer, expected)
     assert answer.blocks[0]["grpc-accept-encoding"] == "identity,deflate,gzip"
+    # A streaming call's compressed messages (inflated off the event loop, as a unary call's).
+    answer = raw.call(3, message(packed, flag=1), path=STREAM_INFER,
+                      extra=(("grpc-encoding", encoding),))
+    [first] = answer.messages()
+    response = service_pb2.ModelStreamInferResponse.FromString(first)
+    assert response.error_message == ""
+    assert response.infer_response.raw_output_contents[0] == expected
+    assert answer.status == 0
+    # A bomb on a stream ends that call with RESOURCE_EXHAUSTED.
+    zeros = b"\0" * (2 * LIMIT)
+    bomb = gzip.compress(zeros) if encoding == "gzip" else zlib.compress(zeros)
+    answer = raw.call(5, message(bomb, flag=1), path=STREAM_INFER,
+                      extra=(("grpc-encoding", encoding),))
+    assert answer.messages() == []
+    assert answer.status == 8
+    assert f"inflates to more than the {LIMIT} bytes" in answer.details
 
 
 def test_grpcio_gzip_channel(agent: AgentThread, expected: bytes) -> None:
@@ -317,7 +333,16 @@ def test_grpcio_gzip_channel(agent: AgentThread, expected: bytes) -> None:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         response = stub.ModelInfer(service_pb2.ModelInferRequest.FromString(REQUEST),
                                    metadata=metadata(agent), timeout=TIMEOUT)
-    assert response.raw_output_contents[0] == expected
+        assert response.raw_output_contents[0] == expected
+        # A stream's messages too (inflated off the event loop, as a unary call's).
+        requests = [service_pb2.ModelInferRequest.FromString(REQUEST) for _ in range(3)]
+        for i, request in enumerate(requests):
+            request.id = str(i)
+        answers = list(stub.ModelStreamInfer(iter(requests), metadata=metadata(agent),
+                                             timeout=TIMEOUT))
+    assert sorted(a.infer_response.id for a in answers) == ["0", "1", "2"]
+    assert all(a.error_message == "" for a in answers)
+    assert all(a.infer_response.raw_output_contents[0] == expected for a in answers)
 
 
 def test_answer_follows_a_16_byte_stream_window(agent: AgentThread, expected: bytes) -> None:
