@@ -77,6 +77,13 @@ class AgentThread:
         assert self._loop is not None, "call() before start()"
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def __enter__(self) -> AgentThread:
+        """Started already (``with AgentThread(config).start() as running:``); stopped on exit."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)

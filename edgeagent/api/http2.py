@@ -950,10 +950,22 @@ class GrpcConnection(asyncio.Protocol):
     async def _run_unary(self, stream: _Stream, method: Unary, message: bytes,
                          compressed: bool) -> None:
         assert stream.call is not None
+        call = stream.call
+
+        async def run() -> bytes:
+            return await method(await stream.inflate(message) if compressed else message, call)
+
+        await self._run(stream, run())
+
+    async def _run_streaming(self, stream: _Stream, method: Streaming) -> None:
+        assert stream.call is not None
+        await self._run(stream, method(stream.call))
+
+    async def _run(self, stream: _Stream, call: Awaitable[bytes | None]) -> None:
+        """A method's call to its end: a unary one's answer, or a stream's OK; its error's
+        status otherwise (anything but :class:`RpcError` is a bug, logged, INTERNAL)."""
         try:
-            if compressed:
-                message = await stream.inflate(message)
-            response = await method(message, stream.call)
+            answer = await call
         except RpcError as exc:
             self._answer_error(stream, exc.code, exc.details)
             return
@@ -964,23 +976,9 @@ class GrpcConnection(asyncio.Protocol):
             self._answer_error(stream, StatusCode.INTERNAL,
                                f"internal error: {type(exc).__name__}: {exc}")
             return
-        self._answer(stream, response)
-
-    async def _run_streaming(self, stream: _Stream, method: Streaming) -> None:
-        assert stream.call is not None
-        try:
-            await method(stream.call)
-        except RpcError as exc:
-            self._answer_error(stream, exc.code, exc.details)
-            return
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:
-            log.exception("gRPC stream failed")
-            self._answer_error(stream, StatusCode.INTERNAL,
-                               f"internal error: {type(exc).__name__}: {exc}")
-            return
-        if not stream.done:
+        if answer is not None:
+            self._answer(stream, answer)
+        elif not stream.done:
             self._end(stream, _OK_TRAILERS)
 
     def _expire(self, stream: _Stream) -> None:

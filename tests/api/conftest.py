@@ -55,8 +55,5 @@ def make_config(tmp: Path, *, token: bool = True, **http: Any) -> AgentConfig:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentThread]:
     """An agent with a token configured, serving mlp, multi_io and strings."""
-    running = AgentThread(make_config(tmp_path_factory.mktemp("agent"))).start()
-    try:
+    with AgentThread(make_config(tmp_path_factory.mktemp("agent"))).start() as running:
         yield running
-    finally:
-        running.stop()

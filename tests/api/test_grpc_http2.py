@@ -232,11 +232,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentThread]:
     :data:`LIMIT` bytes."""
     config = make_config(tmp_path_factory.mktemp("agent"), header_timeout_s=0.5,
                          max_request_bytes=LIMIT, max_tensor_elements=2_000_000)
-    running = AgentThread(config).start()
-    try:
+    with AgentThread(config).start() as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
