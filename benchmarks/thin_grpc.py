@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from hpack import Decoder, Encoder
 
+from benchmarks.thin import ThinClient
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
 END_STREAM = ACK = 0x1
@@ -32,7 +34,7 @@ def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
             + stream_id.to_bytes(4, "big") + payload)
 
 
-class ThinGrpcConnection:
+class ThinGrpcConnection(ThinClient):
     """A unary gRPC method called over one connection; :meth:`send` then :meth:`receive` until
     it says the answer is complete (or :meth:`call`). The last answer's message is kept in
     :attr:`answer`."""
@@ -104,15 +106,6 @@ class ThinGrpcConnection:
         """Read what the socket has; whether the call's answer is complete."""
         self._read()
         return self._done
-
-    def call(self) -> None:
-        """One call and its whole answer (blocking)."""
-        self.send()
-        while not self.receive():
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
 
     def _read(self) -> None:
         more = self.sock.recv(1 << 20)
