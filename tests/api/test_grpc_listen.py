@@ -4,12 +4,16 @@ and that turning it off keeps its messages (and protobuf) out of the process."""
 from __future__ import annotations
 
 import dataclasses
+import queue
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -137,3 +141,40 @@ def test_grpc_connections_over_the_cap_are_closed(tmp_path: Path) -> None:
         held[0].close()
     finally:
         running.stop()
+
+
+def test_stopping_ends_an_open_stream_within_the_grace(tmp_path: Path) -> None:
+    """A ModelStreamInfer call left open by its client does not hold the agent's stop past
+    ``agent.shutdown_grace_s``: the client is told (GOAWAY), then the call is cut, and the
+    client sees its stream end with an error instead of hanging."""
+    running = AgentThread(make_config(tmp_path, token=False)).start()
+    requests: queue.Queue[Any] = queue.Queue()
+    x = np.ones((1, 64), np.float32)
+    request = service_pb2.ModelInferRequest(
+        model_name="mlp", raw_input_contents=[x.tobytes()],
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
+                                                               shape=[1, 64])])
+    outcome: list[Any] = []
+    with grpc.insecure_channel(running.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+        requests.put(request)
+        first = next(answers)
+        assert first.error_message == ""
+
+        def drain() -> None:
+            try:
+                outcome.extend(answers)
+                outcome.append("ended")
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())  # type: ignore[attr-defined]
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        running.stop()  # asserts the agent's threads are gone
+        reader.join(30)
+        requests.put(None)
+        assert not reader.is_alive(), "the client's stream hung after the agent stopped"
+    # The connection is cut after the grace: grpcio reports UNAVAILABLE (what it said here;
+    # CANCELLED would say the same).
+    assert outcome in ([grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.CANCELLED]), outcome
