@@ -381,11 +381,6 @@ class GrpcServer:
             header_timeout_s=http.header_timeout_s,
             body_timeout_s=http.body_timeout_s)
 
-    @property
-    def port(self) -> int:
-        """The TCP port listened on (0 on a Unix socket)."""
-        return self._server.port
-
     def parties(self) -> int:
         """Connections open, counting each call of a connection with several open."""
         return self._server.parties()

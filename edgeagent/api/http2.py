@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
+import functools
 import logging
 import os
 import re
@@ -43,6 +44,7 @@ from typing import Any, cast
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.hpack import decode_integer, encode_integer
 
 from edgeagent.errors import EdgeAgentError
 
@@ -156,22 +158,10 @@ class Method:
 # peer's SETTINGS_HEADER_TABLE_SIZE never matters and the constant blocks are made once.
 
 
-def _int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _literal(name: bytes, value: bytes) -> bytes:
     """A literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
-    return b"\x00" + _int(len(name), 7, 0) + name + _int(len(value), 7, 0) + value
+    return (b"\x00" + encode_integer(len(name), 7) + name
+            + encode_integer(len(value), 7) + value)
 
 
 _STATUS_200 = b"\x88"  # indexed field 8 of the static table: ":status: 200"
@@ -276,12 +266,13 @@ class _Stream:
         "waiting",
     )
 
-    def __init__(self, conn: GrpcConnection, stream_id: int, method: Method) -> None:
+    def __init__(self, conn: GrpcConnection, stream_id: int, method: Method,
+                 request: _Request) -> None:
         self.id = stream_id
         self.conn = conn
         self.method = method
-        self.call: Call | None = None
-        self.encoding = b"identity"
+        self.call = Call(self, request.metadata)
+        self.encoding = request.encoding
         self.send_window = conn.peer_initial_window
         self.recv_window = STREAM_WINDOW
         self.queued = 0  # bytes (on the wire) of whole messages not read by the method yet
@@ -432,21 +423,18 @@ def _unpadded(view: memoryview) -> memoryview:
 
 
 def _check_size_updates(block: bytes) -> None:
-    """At most two dynamic table size updates, at the start of a block (RFC 7541 4.2), each
-    a sane integer: hpack takes any number (~90 ms of the loop for 64 KiB of them)."""
-    pos = 0
+    """At most two dynamic table size updates, at the start of a block (RFC 7541 4.2): hpack
+    takes any number (~90 ms of the loop for 64 KiB of them).
+
+    Raises:
+        HPACKError: an update's integer is not one (hpack's own bound on its length).
+    """
+    view, pos = memoryview(block), 0
     for _ in range(2):
-        if pos >= len(block) or block[pos] & 0xE0 != 0x20:
+        if pos >= len(view) or view[pos] & 0xE0 != 0x20:
             return
-        if block[pos] & 0x1F == 0x1F:  # the integer goes on in 7-bit groups
-            end = pos + 1
-            while end < len(block) and block[end] & 0x80:
-                end += 1
-                if end - pos > 5:
-                    raise _ConnectionError(COMPRESSION_ERROR, "a table size update too long")
-            pos = end
-        pos += 1
-    if pos < len(block) and block[pos] & 0xE0 == 0x20:
+        pos += decode_integer(view[pos:], 5)[1]
+    if pos < len(view) and view[pos] & 0xE0 == 0x20:
         raise _ConnectionError(COMPRESSION_ERROR,
                                "more than two dynamic table size updates in a header block")
 
@@ -516,8 +504,7 @@ class GrpcConnection(asyncio.Protocol):
         self.send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16384
-        self.recv_window = CONNECTION_WINDOW
-        self.recv_unacked = 0
+        self.recv_unacked = 0  # bytes received and not re-opened yet (of CONNECTION_WINDOW)
         self.going_away = False
         self.closed = False
         self.paused = False
@@ -804,8 +791,8 @@ class GrpcConnection(asyncio.Protocol):
         request = self._seen.get(block)
         if request is not None:
             return request
-        _check_size_updates(block)
         try:
+            _check_size_updates(block)
             request = _Request(self.decoder.decode(block, raw=True))
         except OversizedHeaderListError:
             raise _ConnectionError(ENHANCE_YOUR_CALM,
@@ -850,35 +837,43 @@ class GrpcConnection(asyncio.Protocol):
     def _open(self, stream_id: int, flags: int, request: _Request) -> None:
         assert request.path is not None
         entry = self.server.methods.get(request.path)
-        stream = _Stream(self, stream_id, entry or _UNKNOWN)
-        # A request in one HEADERS frame has ended its side already: no RST after the answer.
-        stream.receiving = not flags & END_STREAM
-        self.streams[stream_id] = stream
-        stream.call = Call(stream, request.metadata)
         if entry is None:
-            self._answer_error(stream, StatusCode.UNIMPLEMENTED,
-                               f"method {request.path.decode('latin-1')} is not served")
+            self._refuse(stream_id, flags, StatusCode.UNIMPLEMENTED,
+                         f"method {request.path.decode('latin-1')} is not served")
             return
         if request.encoding not in (b"identity", b"gzip", b"deflate"):
-            self._answer_error(stream, StatusCode.UNIMPLEMENTED,
-                               f"grpc-encoding {request.encoding.decode('latin-1')} is not "
-                               f"supported (only {ACCEPT_ENCODING.decode()})")
+            self._refuse(stream_id, flags, StatusCode.UNIMPLEMENTED,
+                         f"grpc-encoding {request.encoding.decode('latin-1')} is not "
+                         f"supported (only {ACCEPT_ENCODING.decode()})")
             return
-        stream.encoding = request.encoding
+        seconds = None
         if request.timeout is not None:
             try:
                 seconds = parse_timeout(request.timeout)
             except ValueError as exc:
-                self._answer_error(stream, StatusCode.INTERNAL, str(exc))
+                self._refuse(stream_id, flags, StatusCode.INTERNAL, str(exc))
                 return
+        stream = _Stream(self, stream_id, entry, request)
+        # A request in one HEADERS frame has ended its side already: no RST after the answer.
+        stream.receiving = not flags & END_STREAM
+        self.streams[stream_id] = stream
+        if seconds is not None:
             stream.timer = self.loop.call_later(seconds, self._expire, stream)
             stream.deadline = True
         elif entry.unary is not None:
             stream.timer = self.loop.call_later(self.server.body_timeout_s, self._late, stream)
         if entry.streaming is not None:
-            stream.task = self.loop.create_task(self._run_streaming(stream, entry.streaming))
+            stream.task = self.loop.create_task(
+                self._run(stream, functools.partial(entry.streaming, stream.call)))
         if flags & END_STREAM:
             self._input_ended(stream)
+
+    def _refuse(self, stream_id: int, flags: int, code: StatusCode, details: str) -> None:
+        """A call answered at its headers (trailers-only), no stream kept for it."""
+        self._write(_frame(HEADERS, END_HEADERS | END_STREAM, stream_id,
+                           _RESPONSE_HEADERS + _status_block(code, details)))
+        if not flags & END_STREAM:
+            self._reset(stream_id, NO_ERROR)  # the client need not send the rest
 
     def _data(self, flags: int, stream_id: int, view: memoryview) -> None:
         if stream_id == 0:
@@ -886,13 +881,11 @@ class GrpcConnection(asyncio.Protocol):
         if self.continuing is not None:
             raise _ConnectionError(PROTOCOL_ERROR, "a header block was interrupted")
         size = len(view)
-        self.recv_window -= size
-        if self.recv_window < 0:
-            raise _ConnectionError(FLOW_CONTROL_ERROR, "DATA past the connection's window")
         self.recv_unacked += size
+        if self.recv_unacked > CONNECTION_WINDOW:
+            raise _ConnectionError(FLOW_CONTROL_ERROR, "DATA past the connection's window")
         if self.recv_unacked >= CONNECTION_WINDOW // 2:
             self._write(_frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
-            self.recv_window += self.recv_unacked
             self.recv_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or not stream.receiving:
@@ -943,29 +936,21 @@ class GrpcConnection(asyncio.Protocol):
             stream.timer.cancel()  # the body timer: the body is in
             stream.timer = None
         message, compressed = stream.message
-        stream.task = self.loop.create_task(self._run_unary(stream, stream.method.unary,
-                                                            message, compressed))
         stream.message = None
+        stream.task = self.loop.create_task(self._run(stream, functools.partial(
+            self._unary, stream, stream.method.unary, message, compressed)))
 
-    async def _run_unary(self, stream: _Stream, method: Unary, message: bytes,
-                         compressed: bool) -> None:
-        assert stream.call is not None
-        call = stream.call
+    @staticmethod
+    async def _unary(stream: _Stream, method: Unary, message: bytes, compressed: bool) -> bytes:
+        return await method(await stream.inflate(message) if compressed else message,
+                            stream.call)
 
-        async def run() -> bytes:
-            return await method(await stream.inflate(message) if compressed else message, call)
-
-        await self._run(stream, run())
-
-    async def _run_streaming(self, stream: _Stream, method: Streaming) -> None:
-        assert stream.call is not None
-        await self._run(stream, method(stream.call))
-
-    async def _run(self, stream: _Stream, call: Awaitable[bytes | None]) -> None:
-        """A method's call to its end: a unary one's answer, or a stream's OK; its error's
+    async def _run(self, stream: _Stream, call: Callable[[], Awaitable[bytes | None]]) -> None:
+        """A method's call (started here, so a task cancelled before its first step leaves no
+        coroutine unawaited) to its end: a unary one's answer, or a stream's OK; its error's
         status otherwise (anything but :class:`RpcError` is a bug, logged, INTERNAL)."""
         try:
-            answer = await call
+            answer = await call()
         except RpcError as exc:
             self._answer_error(stream, exc.code, exc.details)
             return
@@ -1049,9 +1034,6 @@ class GrpcConnection(asyncio.Protocol):
     def _answer_error(self, stream: _Stream, code: StatusCode, details: str) -> None:
         if stream.done:
             return
-        if stream.task is not None and not stream.task.done() \
-                and stream.task is not asyncio.current_task():
-            stream.task.cancel()
         stream.pending = memoryview(b"")  # an error replaces what was not sent yet
         self._end(stream, _status_block(code, details))
 
@@ -1135,12 +1117,6 @@ class GrpcConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-async def _unimplemented(message: bytes, call: Call) -> bytes:  # pragma: no cover
-    raise RpcError(StatusCode.UNIMPLEMENTED, "not served")
-
-
-_UNKNOWN = Method(unary=_unimplemented)
-
 
 class GrpcHttp2Server:
     """A listener serving ``methods`` (``/package.Service/Method`` paths, as bytes)."""
@@ -1201,13 +1177,6 @@ class GrpcHttp2Server:
         except OSError as exc:
             raise EdgeAgentError(f"cannot listen on {listen} for gRPC (in use, or not "
                                  f"permitted): {exc.strerror or exc}") from exc
-
-    @property
-    def port(self) -> int:
-        """The TCP port listened on (0 on a Unix socket)."""
-        if self._server is None or self._uds is not None:
-            return 0
-        return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting connections and streams; those open get ``grace_s`` to end."""
