@@ -34,7 +34,7 @@ from edgeagent.api.errors import BadRequest, Forbidden, Unauthorized, status_of
 from edgeagent.api.grpc_codec import decode_infer, encode_infer
 from edgeagent.api.grpc_messages import model_config_pb2, service_pb2
 from edgeagent.api.http2 import Call, GrpcHttp2Server, Method, RpcError, StatusCode
-from edgeagent.api.infer import OFFLOAD_BYTES, parse_version
+from edgeagent.api.infer import offload, parse_version
 from edgeagent.api.protocol import connection_cap
 from edgeagent.api.triton import server_metadata
 from edgeagent.errors import EdgeAgentError
@@ -93,23 +93,15 @@ def _methods(servicer: InferenceServicer) -> dict[bytes, Method]:
     return methods
 
 
-async def _offload(size: int, fn: Callable[..., R], *args: Any) -> R:
-    """``fn(*args)``, in a worker thread when ``size`` bytes make it worth the hand-off (as
-    the HTTP path decodes and encodes: one large message never stalls the event loop)."""
-    if size <= OFFLOAD_BYTES:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
 async def serialize(message: Any) -> bytes:
     """A response message's bytes (a large one serialised in a worker thread)."""
-    return bytes(await _offload(message.ByteSize(), message.SerializeToString))
+    return bytes(await offload(message.ByteSize(), message.SerializeToString))
 
 
 def _unary(handler: Callable[[Any, Call], Awaitable[Any]],
            parse: Callable[[bytes], Any]) -> Callable[[bytes, Call], Awaitable[bytes]]:
     async def call(data: bytes, context: Call) -> bytes:
-        response = await handler(await _offload(len(data), parse, data), context)
+        response = await handler(await offload(len(data), parse, data), context)
         return await serialize(response)
 
     return call
@@ -120,7 +112,7 @@ def _streaming(handler: Callable[[AsyncIterator[Any], Call], Awaitable[None]],
     async def call(context: Call) -> None:
         async def requests() -> AsyncIterator[Any]:
             while (data := await context.read()) is not None:
-                yield await _offload(len(data), parse, data)
+                yield await offload(len(data), parse, data)
 
         await handler(requests(), context)
 

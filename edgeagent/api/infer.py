@@ -164,22 +164,22 @@ class InferEndpoint:
         body: bytes | bytearray = await receive_body(receive, content_length,
                                                      http.max_request_bytes)
         if content_encoding is not None:
-            body = await _offload(len(body), decompress, body, content_encoding,
+            body = await offload(len(body), decompress, body, content_encoding,
                                   http.max_request_bytes)
         size = header_length(binary_header, len(body))
         if size == 0:  # Triton's raw binary request: the whole body is the one input
             req = raw_binary_request(self.s.manager.get(name, version), body,
                                      http.max_tensor_elements)
         else:
-            req = await _offload(len(body), functools.partial(
+            req = await offload(len(body), functools.partial(
                 decode_request, max_bytes_elements=http.max_bytes_elements),
                 body, size, http.max_tensor_elements)
         mv, outputs = await self.plane.infer(name, version, req.call())
         out_size = sum(a.nbytes for a in outputs.values())
-        enc = await _offload(out_size, encode_response, name, mv.version, req, outputs)
+        enc = await offload(out_size, encode_response, name, mv.version, req, outputs)
         payload, encoding = enc.body, None
         if accept_encoding is not None:
-            payload, encoding = await _offload(len(payload), compress, payload, accept_encoding)
+            payload, encoding = await offload(len(payload), compress, payload, accept_encoding)
         headers = [(b"content-length", str(len(payload)).encode()),
                    (b"content-type", enc.media_type.encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in enc.headers.items()]
@@ -188,7 +188,7 @@ class InferEndpoint:
         return headers, payload
 
 
-async def _offload(size: int, fn: Callable[..., T], *args: Any) -> T:
+async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``size`` bytes make it worth the hand-off."""
     call = functools.partial(fn, *args)
     return call() if size <= OFFLOAD_BYTES else await run_in_threadpool(call)
