@@ -10,6 +10,7 @@ poll, unload models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ from edgeagent.device.plan import (
 )
 from edgeagent.device.profiles import ProfileSelection, load_profiles, select_profile
 from edgeagent.errors import EdgeAgentError
+from edgeagent.fsutil import unix_socket
 from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.memory import HeapTrimmer
 from edgeagent.runtime.registry import BackendRegistry
@@ -227,14 +229,8 @@ class Agent:
         from edgeagent.api.protocol import bounded_protocol
 
         kwargs: dict[str, Any] = {}
-        if listen.startswith("unix:"):
-            path = Path(listen[5:])
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if path.exists() or path.is_symlink():
-                    path.unlink()  # a socket left by a previous run that was killed
-            except OSError as exc:
-                raise EdgeAgentError(f"cannot listen on {listen}: {exc.strerror}") from exc
+        path = Path(listen[5:]) if listen.startswith("unix:") else None
+        if path is not None:
             kwargs["uds"] = str(path)
         else:
             host, _, port = listen.rpartition(":")
@@ -258,18 +254,13 @@ class Agent:
         # What Server.serve() does before startup(), without taking over the signal handlers.
         config.load()
         server.lifespan = config.lifespan_class(config)
-        # The socket is made group-accessible only: owner and the agent's group (umask while
-        # it is created, so there is no moment with wider permissions).
-        old_umask = os.umask(0o117) if "uds" in kwargs else None
         try:
-            await server.startup()
+            with unix_socket(path) if path is not None else contextlib.nullcontext():
+                await server.startup()
         except SystemExit as exc:  # uvicorn exits when it cannot bind (port in use)
             raise EdgeAgentError(f"cannot listen on {listen} (in use, or not permitted)") from exc
-        finally:
-            if old_umask is not None:
-                os.umask(old_umask)
-        if "uds" in kwargs:
-            os.chmod(kwargs["uds"], 0o660)
+        except OSError as exc:  # the socket's folder, or what is at its path
+            raise EdgeAgentError(f"cannot listen on {listen}: {exc.strerror}") from exc
         task = asyncio.create_task(server.main_loop(), name=f"http-main-loop {listen}")
         self._servers.append((server, task))
 

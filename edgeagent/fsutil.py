@@ -58,3 +58,24 @@ def locked(lock_file: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def unix_socket(path: Path) -> Iterator[None]:
+    """Around binding a Unix socket at ``path`` (the HTTP, metrics and gRPC listeners): its
+    folder made, a socket a killed run left there removed, the socket created for its owner
+    and group only (umask 0o117 meanwhile, so there is no moment with wider permissions) and
+    set to 0o660 once bound.
+
+    Raises:
+        OSError: the folder cannot be made, or what is at ``path`` cannot be removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    old_umask = os.umask(0o117)
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)

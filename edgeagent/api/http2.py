@@ -34,7 +34,6 @@ import base64
 import enum
 import functools
 import logging
-import os
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
@@ -47,6 +46,7 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.hpack import decode_integer, encode_integer
 
 from edgeagent.errors import EdgeAgentError
+from edgeagent.fsutil import unix_socket
 
 log = logging.getLogger(__name__)
 
@@ -1164,12 +1164,9 @@ class GrpcHttp2Server:
         try:
             if listen.startswith("unix:"):
                 self._uds = Path(listen[5:])
-                self._uds.parent.mkdir(parents=True, exist_ok=True)
-                if self._uds.is_socket():
-                    self._uds.unlink()  # left by a previous run that was killed
-                self._server = await loop.create_unix_server(
-                    lambda: GrpcConnection(self), str(self._uds))
-                os.chmod(self._uds, 0o660)
+                with unix_socket(self._uds):  # the owner and the agent's group only
+                    self._server = await loop.create_unix_server(
+                        lambda: GrpcConnection(self), str(self._uds))
             else:
                 host, _, port = listen.rpartition(":")
                 self._server = await loop.create_server(

@@ -21,9 +21,9 @@ format from ``Accept``, and the body is gzipped when ``Accept-Encoding`` allows 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
-import os
 import platform
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -45,6 +45,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from edgeagent import __version__
+from edgeagent.fsutil import unix_socket
 from edgeagent.runtime.manager import ModelManager
 from edgeagent.runtime.scheduler import InferenceScheduler
 from edgeagent.runtime.stats import Histogram
@@ -407,10 +408,8 @@ class MetricsListener:
         from edgeagent.errors import EdgeAgentError
 
         kwargs: dict[str, Any] = {}
-        if self.listen.startswith("unix:"):
-            path = Path(self.listen[5:])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)  # left by a previous run that was killed
+        path = Path(self.listen[5:]) if self.listen.startswith("unix:") else None
+        if path is not None:
             kwargs["uds"] = str(path)
         else:
             host, _, port = self.listen.rpartition(":")
@@ -421,13 +420,13 @@ class MetricsListener:
         config.load()
         server.lifespan = config.lifespan_class(config)
         try:
-            await server.startup()
-        except SystemExit as exc:
+            # The owner and the agent's group only, as the API socket.
+            with unix_socket(path) if path is not None else contextlib.nullcontext():
+                await server.startup()
+        except (SystemExit, OSError) as exc:
             raise EdgeAgentError(
                 f"cannot listen on {self.listen} for metrics (in use, or not permitted)") from exc
         self._server = server
-        if "uds" in kwargs:
-            os.chmod(kwargs["uds"], 0o660)  # the owner and the agent's group, as the API socket
         self._task = asyncio.create_task(server.main_loop(), name="metrics-main-loop")
         log.info("metrics on %s", self.listen)
 
