@@ -13,6 +13,11 @@ HTTP/2 (RFC 9113) and nothing else, on one event loop thread, with header blocks
 - frames of every type parsed and checked (sizes, stream ids and states, flags, padding);
   a peer that breaks the protocol gets GOAWAY with the error and the connection is closed;
   a stream that breaks it gets RST_STREAM;
+- requests checked as RFC 9113 8 has them (field names lowercase tokens; no CR, LF or NUL in
+  values, whose edge whitespace is stripped; :method, :scheme and :path once each, before
+  other fields, and no other pseudo-headers; no connection-specific fields; ``te`` only
+  ``trailers``; DATA adding up to a content-length; no pseudo-headers in trailers): a
+  malformed one is reset with PROTOCOL_ERROR before any method sees it;
 - flow control both ways: the windows the peer gives are kept (DATA split to them and to its
   SETTINGS_MAX_FRAME_SIZE, the rest waits for WINDOW_UPDATE), the windows given to the peer
   are re-opened as data is taken (for a stream, as its messages are read);
@@ -23,7 +28,7 @@ HTTP/2 (RFC 9113) and nothing else, on one event loop thread, with header blocks
   seconds for the preface and for a unary request to arrive; output that the peer does not
   read stops the reading of its input.
 
-No server push, no priorities (PRIORITY is parsed and ignored), no TLS (the listener is
+No server push, no priorities (PRIORITY is parsed, checked and ignored), no TLS (the listener is
 loopback or a Unix socket; a remote one needs the token, as HTTP does).
 """
 
@@ -59,6 +64,8 @@ END_STREAM = ACK = 0x1
 END_HEADERS = 0x4
 PADDED = 0x8
 PRIORITY_FLAG = 0x20
+_SELF_DEPENDENT = 0x100
+"""Not a wire flag: marks a HEADERS frame whose priority names its own stream."""
 
 # Error codes (section 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
@@ -90,6 +97,8 @@ MAX_DETAILS = 4096
 MAX_SETTINGS = 32
 """Entries one SETTINGS frame may carry (a client sends a handful; a 1 MiB frame of them would
 be ~175,000 for the loop to walk)."""
+RESETS_KEPT = 256
+"""Stream ids this side reset that a connection remembers (late DATA on them is dropped)."""
 MAX_RESETS = 1000
 RESET_WINDOW_S = 10.0
 """Calls a client may cancel (RST_STREAM on a call still running) per window on one connection;
@@ -195,7 +204,13 @@ def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> byte
 _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _RESERVED = frozenset((b"content-type", b"te", b"grpc-timeout", b"grpc-encoding",
-                       b"grpc-accept-encoding", b"connection", b"host"))
+                       b"grpc-accept-encoding", b"host"))
+#: Fields that HTTP/2 forbids (RFC 9113 8.2.2): a request carrying one is malformed.
+_CONNECTION_FIELDS = frozenset((b"connection", b"proxy-connection", b"keep-alive",
+                                b"transfer-encoding", b"upgrade"))
+#: A field name as RFC 9113 8.2.1 allows it: a token (RFC 9110 5.1), in lowercase.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\0\r\n]")
 
 
 def parse_timeout(value: bytes) -> float:
@@ -249,6 +264,7 @@ class _Stream:
         "done",
         "drained",
         "encoding",
+        "expected",
         "headers_sent",
         "id",
         "inbox",
@@ -293,6 +309,8 @@ class _Stream:
         self.deadline = False
         self.done = False
         self.limit = conn.server.max_message_bytes
+        self.expected = request.content_length
+        """Bytes of DATA still due by the request's content-length (None: it declared none)."""
 
     # -- input --
 
@@ -456,35 +474,87 @@ _SETTINGS_ACK = _frame(SETTINGS, ACK, 0)
 
 
 class _Request:
-    """What a request's headers say (pseudo-headers, gRPC's own, and the custom metadata)."""
+    """What a header block says (pseudo-headers, gRPC's own, and the custom metadata), and
+    why it is malformed (RFC 9113 8.1.1: answered with RST_STREAM PROTOCOL_ERROR), if it is."""
 
-    __slots__ = ("content_type", "encoding", "metadata", "method", "path", "timeout")
+    __slots__ = ("_scheme", "content_length", "content_type", "encoding", "malformed", "metadata",
+                 "method", "path", "pseudo", "timeout")
 
     def __init__(self, headers: Iterable[Any]) -> None:
-        self.method = self.path = self.content_type = self.timeout = None
+        self.method: bytes | None = None
+        self.path: bytes | None = None
+        self.content_type: bytes | None = None
+        self.timeout: bytes | None = None
+        self.content_length: int | None = None
         self.encoding = b"identity"
+        self.malformed: str | None = None
+        self.pseudo = False  # any pseudo-header (a trailer block must have none)
+        self._scheme: bytes | None = None
+        regular = False
         metadata: list[tuple[str, str | bytes]] = []
-        for name, value in headers:
-            if name == b":method":
-                self.method = value
-            elif name == b":path":
-                self.path = value
-            elif name == b"content-type":
-                self.content_type = value
-            elif name == b"grpc-timeout":
-                self.timeout = value
-            elif name == b"grpc-encoding":
-                self.encoding = value
-            elif name[:1] != b":" and name not in _RESERVED:
-                key = name.decode("latin-1")
-                if key.endswith("-bin"):
-                    try:
-                        metadata.append((key, base64.b64decode(value + b"==")))
-                    except ValueError:
-                        metadata.append((key, b""))
-                else:
-                    metadata.append((key, value.decode("latin-1")))
+        for name, raw_value in headers:
+            if _BAD_VALUE.search(raw_value) is not None:
+                self._bad(f"the value of {name[:40]!r} has a CR, LF or NUL")
+            # RFC 9113 8.2.1 calls edge whitespace malformed, but clients send it (perf_analyzer
+            # puts the space after "-H name:" in front of the value); RFC 9110 5.5 strips it.
+            value = raw_value.strip(b" \t")
+            if name[:1] == b":":
+                if regular:
+                    self._bad(f"pseudo-header {name[:40]!r} after a regular field")
+                self._pseudo_header(name, value)
+            else:
+                regular = True
+                self._field(name, value, metadata)
+        if self.pseudo and (self.method is None or self.path is None or self._scheme is None):
+            self._bad("a request needs :method, :scheme and :path")
         self.metadata = tuple(metadata)
+
+    def _pseudo_header(self, name: bytes, value: bytes) -> None:
+        self.pseudo = True
+        if name == b":method":
+            if self.method is not None:
+                self._bad("two :method fields")
+            self.method = value
+        elif name == b":path":
+            if self.path is not None or not value:
+                self._bad("two :path fields, or an empty one")
+            self.path = value
+        elif name == b":scheme":
+            if self._scheme is not None:
+                self._bad("two :scheme fields")
+            self._scheme = value
+        elif name != b":authority":
+            self._bad(f"pseudo-header {name[:40]!r} is not one of a request's")
+
+    def _field(self, name: bytes, value: bytes, metadata: list[tuple[str, str | bytes]]) -> None:
+        if _FIELD_NAME.fullmatch(name) is None:
+            self._bad(f"field name {name[:40]!r} is not a lowercase token")
+        elif name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+            self._bad(f"connection-specific field {name[:40]!r}")
+        elif name == b"content-type":
+            self.content_type = value
+        elif name == b"content-length":
+            if not value.isdigit() or len(value) > 19:
+                self._bad("content-length is not a number")
+            else:
+                self.content_length = int(value)
+        elif name == b"grpc-timeout":
+            self.timeout = value
+        elif name == b"grpc-encoding":
+            self.encoding = value
+        elif name not in _RESERVED:
+            key = name.decode("latin-1")
+            if key.endswith("-bin"):
+                try:
+                    metadata.append((key, base64.b64decode(value + b"==")))
+                except ValueError:
+                    metadata.append((key, b""))
+            else:
+                metadata.append((key, value.decode("latin-1")))
+
+    def _bad(self, why: str) -> None:
+        if self.malformed is None:
+            self.malformed = why
 
 
 class GrpcConnection(asyncio.Protocol):
@@ -501,6 +571,10 @@ class GrpcConnection(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.last_stream = 0
         self.continuing: tuple[int, int, bytearray] | None = None
+        self._reset_ids: dict[int, None] = {}
+        """Streams this side reset lately (the newest :data:`RESETS_KEPT`, in order): DATA the
+        client had in flight for them is dropped, where DATA on other closed streams is its
+        error."""
         self.send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16384
@@ -671,7 +745,9 @@ class GrpcConnection(asyncio.Protocol):
             if stream_id == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
-                self._reset(stream_id, FRAME_SIZE_ERROR)
+                self._stream_error(stream_id, FRAME_SIZE_ERROR)
+            elif int.from_bytes(payload[:4], "big") & MAX_WINDOW == stream_id:
+                self._stream_error(stream_id, PROTOCOL_ERROR)  # RFC 9113 5.3.1
         elif ftype == PUSH_PROMISE:
             raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
         # Frames of unknown types are ignored (section 4.1).
@@ -759,6 +835,8 @@ class GrpcConnection(asyncio.Protocol):
         if flags & PRIORITY_FLAG:
             if len(block) < 5:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            if int.from_bytes(block[:4], "big") & MAX_WINDOW == stream_id:
+                flags |= _SELF_DEPENDENT  # a stream error (RFC 9113 5.3.1), once decoded
             block = block[5:]
         if len(block) > MAX_HEADER_BLOCK:
             raise _ConnectionError(ENHANCE_YOUR_CALM,
@@ -812,6 +890,10 @@ class GrpcConnection(asyncio.Protocol):
         if stream is not None:  # trailers from the client: they must end the stream
             if not flags & END_STREAM or not stream.receiving:
                 raise _ConnectionError(PROTOCOL_ERROR, "a second header block mid-stream")
+            if request.malformed or request.pseudo or flags & _SELF_DEPENDENT \
+                    or stream.expected:
+                self._reset_stream(stream, PROTOCOL_ERROR)
+                return
             self._input_ended(stream)
             return
         if stream_id <= self.last_stream:
@@ -820,7 +902,10 @@ class GrpcConnection(asyncio.Protocol):
         if self.going_away or len(self.streams) >= MAX_STREAMS:
             self._reset(stream_id, REFUSED_STREAM)
             return
-        if request.method is None or request.path is None:
+        if request.malformed or not request.pseudo or flags & _SELF_DEPENDENT:
+            # Malformed (RFC 9113 8.1.1), or a block of trailers on a stream never opened.
+            log.debug("gRPC stream %d reset: %s", stream_id,
+                      request.malformed or "no request pseudo-headers")
             self._reset(stream_id, PROTOCOL_ERROR)
             return
         if request.method != b"POST" or request.content_type is None \
@@ -853,6 +938,9 @@ class GrpcConnection(asyncio.Protocol):
             except ValueError as exc:
                 self._refuse(stream_id, flags, StatusCode.INTERNAL, str(exc))
                 return
+        if flags & END_STREAM and request.content_length:
+            self._reset(stream_id, PROTOCOL_ERROR)  # a content-length that no DATA will fill
+            return
         stream = _Stream(self, stream_id, entry, request)
         # A request in one HEADERS frame has ended its side already: no RST after the answer.
         stream.receiving = not flags & END_STREAM
@@ -889,16 +977,18 @@ class GrpcConnection(asyncio.Protocol):
             self.recv_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or not stream.receiving:
-            if stream_id > self.last_stream:
-                raise _ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
-            if stream is not None:
-                self._reset_stream(stream, STREAM_CLOSED)
-            return  # a stream this side ended or reset: what was in flight is dropped
+            self._not_receiving(stream_id, stream)
+            return
         stream.recv_window -= size
         if stream.recv_window < 0:
             self._reset_stream(stream, FLOW_CONTROL_ERROR)
             return
         data = _unpadded(view) if flags & PADDED else view
+        if stream.expected is not None:  # RFC 9113 8.1.1: the DATA must add up to it
+            stream.expected -= len(data)
+            if stream.expected < 0 or (flags & END_STREAM and stream.expected):
+                self._reset_stream(stream, PROTOCOL_ERROR)
+                return
         try:
             stream.feed(data)
             self.reopen(stream)
@@ -908,6 +998,16 @@ class GrpcConnection(asyncio.Protocol):
             if flags & END_STREAM:
                 stream.receiving = False  # its side is closed: no RST after the answer
             self._answer_error(stream, exc.code, exc.details)
+
+    def _not_receiving(self, stream_id: int, stream: _Stream | None) -> None:
+        """DATA on a stream that takes none (RFC 9113 6.1)."""
+        if stream_id > self.last_stream:
+            raise _ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
+        if stream is not None:  # half-closed by the client: DATA after its END_STREAM
+            self._reset_stream(stream, STREAM_CLOSED)
+        elif stream_id not in self._reset_ids:  # closed after the client's END_STREAM
+            self._reset(stream_id, STREAM_CLOSED)
+        # A stream this side reset: what the client had in flight is dropped.
 
     def _input_ended(self, stream: _Stream) -> None:
         try:
@@ -1070,6 +1170,14 @@ class GrpcConnection(asyncio.Protocol):
             self._reset(stream.id, NO_ERROR)
         self._drop(stream)
 
+    def _stream_error(self, stream_id: int, code: int) -> None:
+        """RST_STREAM with ``code``, and the stream (if open) dropped."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self._reset(stream_id, code)
+        else:
+            self._reset_stream(stream, code)
+
     def _reset_stream(self, stream: _Stream, code: int) -> None:
         stream.receiving = False
         self._reset(stream.id, code)
@@ -1077,6 +1185,10 @@ class GrpcConnection(asyncio.Protocol):
 
     def _reset(self, stream_id: int, code: int) -> None:
         self._write(_frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
+        kept = self._reset_ids
+        kept[stream_id] = None
+        if len(kept) > RESETS_KEPT:
+            del kept[next(iter(kept))]
 
     def _drop(self, stream: _Stream) -> None:
         if stream.done:

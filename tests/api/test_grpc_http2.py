@@ -43,12 +43,15 @@ from edgeagent.api.http2 import (
     PADDED,
     PING,
     PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
     PROTOCOL_ERROR,
     PUSH_PROMISE,
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
     SETTINGS_INITIAL_WINDOW_SIZE,
+    STREAM_CLOSED,
     WINDOW_UPDATE,
 )
 from tests.api.conftest import AgentThread, make_config
@@ -154,12 +157,15 @@ class Raw:
 
     def headers(self, stream_id: int, flags: int = END_HEADERS, *, path: str = INFER,
                 method: str = "POST", content_type: str = "application/grpc",
-                extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-        """A HEADERS frame of a gRPC request with the token (encoded now: send it next)."""
-        fields = [(":method", method), (":scheme", "http"), (":path", path),
-                  (":authority", "127.0.0.1"), ("content-type", content_type),
-                  ("te", "trailers"), ("authorization", f"Bearer {self.token}"), *extra]
-        return frame(HEADERS, flags, stream_id, self.encoder.encode(fields))
+                extra: tuple[tuple[str, str], ...] = (),
+                fields: list[tuple[str, str]] | None = None) -> bytes:
+        """A HEADERS frame of a gRPC request with the token (encoded now: send it next);
+        ``fields`` in place of the usual ones (and ``extra`` after them)."""
+        if fields is None:
+            fields = [(":method", method), (":scheme", "http"), (":path", path),
+                      (":authority", "127.0.0.1"), ("content-type", content_type),
+                      ("te", "trailers"), ("authorization", f"Bearer {self.token}")]
+        return frame(HEADERS, flags, stream_id, self.encoder.encode([*fields, *extra]))
 
     def recv(self) -> bytes:
         try:
@@ -432,6 +438,10 @@ CONNECTION_ERRORS: list[tuple[str, Callable[[Raw], list[bytes]], int]] = [
     ("a size update of 60,000 bytes", lambda c: [frame(HEADERS, END_HEADERS, 1,
                                                        b"\x3f" + b"\x80" * 60000 + b"\x01")],
      COMPRESSION_ERROR),
+    ("a table size update at the end of a block", lambda c: [
+        frame(HEADERS, END_HEADERS, 1, _block(c) + b"\x20")], COMPRESSION_ERROR),
+    ("a table size update over SETTINGS_HEADER_TABLE_SIZE", lambda c: [  # 4,097 bytes
+        frame(HEADERS, END_HEADERS, 1, b"\x3f\xe2\x1f" + _block(c))], COMPRESSION_ERROR),
     ("header list over 16 KiB", lambda c: [c.headers(1, extra=(("x-big", "a" * 20000),))],
      ENHANCE_YOUR_CALM),
     ("HEADERS frame over 64 KiB", lambda c: [  # table size updates: slow to decode
@@ -568,3 +578,143 @@ def test_not_a_grpc_request_gets_an_http_status(raw: Raw, expected: bytes, metho
     assert answer.blocks[0][":status"] == status
     assert raw.answer(1).reset == NO_ERROR
     assert_infer_ok(raw.call(3), expected)
+
+
+# ---- malformed requests (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR, the connection goes on ----
+
+
+def _usual(raw: Raw, *, drop: str = "", replace: tuple[str, str] | None = None,
+           first: tuple[str, str] | None = None) -> list[tuple[str, str]]:
+    """The usual request fields, less ``drop``, one of them replaced, or one put first."""
+    fields = [(":method", "POST"), (":scheme", "http"), (":path", INFER),
+              (":authority", "127.0.0.1"), ("content-type", "application/grpc"),
+              ("te", "trailers"), ("authorization", f"Bearer {raw.token}")]
+    if replace is not None:
+        fields = [replace if k == replace[0] else (k, v) for k, v in fields]
+    return ([first] if first else []) + [(k, v) for k, v in fields if k != drop]
+
+
+MALFORMED: list[tuple[str, Callable[[Raw], dict[str, Any]]]] = [
+    ("an uppercase field name", lambda r: {"extra": (("X-Upper", "1"),)}),
+    ("a field name with a space", lambda r: {"extra": (("x y", "1"),)}),
+    ("a field name with a colon inside", lambda r: {"extra": (("x:y", "1"),)}),
+    ("an empty field name", lambda r: {"extra": (("", "1"),)}),
+    ("a value with CR LF", lambda r: {"extra": (("x-a", "b\r\nx-c: d"),)}),
+    ("a value with NUL", lambda r: {"extra": (("x-a", "b\0c"),)}),
+    ("a pseudo-header after a regular field", lambda r: {"extra": ((":authority", "x"),)}),
+    ("an unknown pseudo-header", lambda r: {"fields": _usual(r, first=(":foo", "x"))}),
+    ("a response pseudo-header", lambda r: {"fields": _usual(r, first=(":status", "200"))}),
+    ("two :path fields", lambda r: {"fields": _usual(r, first=(":path", INFER))}),
+    ("two :method fields", lambda r: {"fields": _usual(r, first=(":method", "POST"))}),
+    ("two :scheme fields", lambda r: {"fields": _usual(r, first=(":scheme", "http"))}),
+    ("an empty :path", lambda r: {"fields": _usual(r, replace=(":path", ""))}),
+    ("no :path", lambda r: {"fields": _usual(r, drop=":path")}),
+    ("no :method", lambda r: {"fields": _usual(r, drop=":method")}),
+    ("no :scheme", lambda r: {"fields": _usual(r, drop=":scheme")}),
+    ("no pseudo-headers at all", lambda r: {"fields": [("content-type", "application/grpc")]}),
+    ("connection: keep-alive", lambda r: {"extra": (("connection", "keep-alive"),)}),
+    ("transfer-encoding", lambda r: {"extra": (("transfer-encoding", "chunked"),)}),
+    ("upgrade", lambda r: {"extra": (("upgrade", "h2c"),)}),
+    ("keep-alive", lambda r: {"extra": (("keep-alive", "timeout=5"),)}),
+    ("proxy-connection", lambda r: {"extra": (("proxy-connection", "close"),)}),
+    ("te other than trailers", lambda r: {"fields": _usual(r, replace=("te", "gzip"))}),
+    ("content-length not a number", lambda r: {"extra": (("content-length", "-1"),)}),
+]
+
+
+@pytest.mark.parametrize("headers", [case[1] for case in MALFORMED],
+                         ids=[case[0] for case in MALFORMED])
+def test_malformed_request_is_reset(raw: Raw, expected: bytes,
+                                    headers: Callable[[Raw], dict[str, Any]]) -> None:
+    raw.send(raw.headers(1, **headers(raw)), frame(DATA, END_STREAM, 1, message(REQUEST)))
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    assert_infer_ok(raw.call(3), expected)  # the HPACK state is in step: the connection goes on
+    assert [f.type for f in raw.log if f.stream == 1] == [RST_STREAM]  # nothing after the reset
+
+
+@pytest.mark.parametrize(("declared", "frames"), [
+    (10, [message(REQUEST)]),  # more DATA than declared
+    (len(message(REQUEST)) + 1, [message(REQUEST)]),  # less, then END_STREAM
+    (len(message(REQUEST)), [message(REQUEST)[:20], message(REQUEST)[20:], b"x"]),
+])
+def test_content_length_must_match_the_data(raw: Raw, expected: bytes, declared: int,
+                                            frames: list[bytes]) -> None:
+    raw.send(raw.headers(1, extra=(("content-length", str(declared)),)),
+             *(frame(DATA, END_STREAM if i == len(frames) - 1 else 0, 1, data)
+               for i, data in enumerate(frames)))
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    assert_infer_ok(raw.call(3), expected)
+
+
+def test_edge_whitespace_of_a_value_is_stripped(raw: Raw, expected: bytes) -> None:
+    # perf_analyzer sends "-H 'authorization: Bearer ...'" as " Bearer ...".
+    fields = _usual(raw, replace=("authorization", f" Bearer {raw.token}\t"))
+    raw.send(raw.headers(1, fields=fields, extra=(("te", "trailers "),)),
+             frame(DATA, END_STREAM, 1, message(REQUEST)))
+    assert_infer_ok(raw.answer(1), expected)
+
+
+def test_content_length_that_matches_is_served(raw: Raw, expected: bytes) -> None:
+    body = message(REQUEST)
+    raw.send(raw.headers(1, extra=(("content-length", str(len(body))),)),
+             frame(DATA, 0, 1, body[:30]), frame(DATA, END_STREAM, 1, body[30:]))
+    assert_infer_ok(raw.answer(1), expected)
+
+
+def test_content_length_on_headers_that_end_the_stream(raw: Raw, expected: bytes) -> None:
+    raw.send(raw.headers(1, END_HEADERS | END_STREAM, extra=(("content-length", "5"),)))
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    assert_infer_ok(raw.call(3), expected)
+
+
+def test_trailers_with_a_pseudo_header_are_malformed(raw: Raw, expected: bytes) -> None:
+    raw.send(raw.headers(1), frame(DATA, 0, 1, message(REQUEST)),
+             frame(HEADERS, END_HEADERS | END_STREAM, 1,
+                   raw.encoder.encode([(":path", INFER), ("x-trailer", "1")])))
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    assert_infer_ok(raw.call(3), expected)
+
+
+def test_trailers_end_a_call(raw: Raw, expected: bytes) -> None:
+    raw.send(raw.headers(1), frame(DATA, 0, 1, message(REQUEST)),
+             frame(HEADERS, END_HEADERS | END_STREAM, 1, raw.encoder.encode([("x-t", "1")])))
+    assert_infer_ok(raw.answer(1), expected)
+
+
+def test_headers_depending_on_their_own_stream(raw: Raw, expected: bytes) -> None:
+    block = raw.headers(1)[9:]  # encoded now: the server must decode it to stay in step
+    raw.send(frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, (1).to_bytes(4, "big") + b"\x10"
+                   + block), frame(DATA, END_STREAM, 1, message(REQUEST)))
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    assert_infer_ok(raw.call(3), expected)
+
+
+def test_priority_depending_on_its_own_stream(raw: Raw, expected: bytes) -> None:
+    raw.send(raw.headers(1), frame(PRIORITY, 0, 1, (1).to_bytes(4, "big") + b"\x10"),
+             frame(DATA, END_STREAM, 1, message(REQUEST)))
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    assert_infer_ok(raw.call(3), expected)
+    assert [f.type for f in raw.log if f.stream == 1] == [RST_STREAM]
+
+
+def test_priority_frames_are_otherwise_ignored(raw: Raw, expected: bytes) -> None:
+    raw.send(frame(PRIORITY, 0, 1, (0).to_bytes(4, "big") + b"\x10"),
+             frame(PRIORITY, 0, 7, (3).to_bytes(4, "big") + b"\x10"))
+    assert_infer_ok(raw.call(1), expected)
+
+
+def test_data_after_the_call_is_over_is_stream_closed(raw: Raw, expected: bytes) -> None:
+    assert_infer_ok(raw.call(1), expected)  # the client ended its side; the server answered
+    raw.send(frame(DATA, 0, 1, message(REQUEST)))  # RFC 9113 6.1: not open, not half-closed
+    assert raw.answer(1) == Answer([], b"", STREAM_CLOSED)
+    raw.send(frame(DATA, 0, 1, b"more"))  # once told, further DATA is dropped
+    assert_infer_ok(raw.call(3), expected)
+    assert [f.type for f in raw.log if f.stream == 1].count(RST_STREAM) == 1
+
+
+def test_data_in_flight_on_a_reset_stream_is_dropped(raw: Raw, expected: bytes) -> None:
+    raw.send(raw.headers(1, extra=(("X-Upper", "1"),)))  # malformed: reset at its headers
+    assert raw.answer(1) == Answer([], b"", PROTOCOL_ERROR)
+    raw.send(frame(DATA, END_STREAM, 1, message(REQUEST)))  # sent before the RST arrived
+    assert_infer_ok(raw.call(3), expected)
+    assert [f.type for f in raw.log if f.stream == 1] == [RST_STREAM]
