@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import socket
 import zlib
 from collections.abc import Callable, Iterator
@@ -652,6 +653,35 @@ def test_edge_whitespace_of_a_value_is_stripped(raw: Raw, expected: bytes) -> No
     raw.send(raw.headers(1, fields=fields, extra=(("te", "trailers "),)),
              frame(DATA, END_STREAM, 1, message(REQUEST)))
     assert_infer_ok(raw.answer(1), expected)
+
+
+@pytest.mark.parametrize("cuts", [[1], [3, 100], [5], [6, 7, 8], [200]])
+def test_message_in_pieces(raw: Raw, expected: bytes, cuts: list[int]) -> None:
+    """A message split over DATA frames (as grpcio sends a large one: ~130-200 KB each) is put
+    together, wherever the cuts fall (inside the 5-byte prefix too)."""
+    body = message(REQUEST)
+    edges = [0, *cuts, len(body)]
+    raw.send(raw.headers(1), *(frame(DATA, END_STREAM if b == len(body) else 0, 1, body[a:b])
+                               for a, b in itertools.pairwise(edges)))
+    assert_infer_ok(raw.answer(1), expected)
+
+
+def test_stream_messages_across_frames(raw: Raw, expected: bytes) -> None:
+    """Three stream messages in frames cut across them: the first ends where a frame ends
+    (its buffer is taken over), the second shares a frame with the start of the third."""
+    one = message(REQUEST)
+    wire = one * 3
+    cuts = [0, 40, len(one), 2 * len(one) + 10, len(wire)]
+    raw.send(raw.headers(1, path=STREAM_INFER), *(frame(DATA, 0, 1, wire[a:b])
+                                                  for a, b in itertools.pairwise(cuts)))
+    raw.send(frame(DATA, END_STREAM, 1, b""))
+    answer = raw.answer(1)
+    assert answer.status == 0
+    replies = [service_pb2.ModelStreamInferResponse.FromString(m) for m in answer.messages()]
+    assert len(replies) == 3
+    for reply in replies:
+        assert reply.error_message == ""
+        assert reply.infer_response.raw_output_contents[0] == expected
 
 
 def test_content_length_that_matches_is_served(raw: Raw, expected: bytes) -> None:
