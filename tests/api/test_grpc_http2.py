@@ -163,10 +163,15 @@ class Raw:
         """A HEADERS frame of a gRPC request with the token (encoded now: send it next);
         ``fields`` in place of the usual ones (and ``extra`` after them)."""
         if fields is None:
-            fields = [(":method", method), (":scheme", "http"), (":path", path),
-                      (":authority", "127.0.0.1"), ("content-type", content_type),
-                      ("te", "trailers"), ("authorization", f"Bearer {self.token}")]
+            fields = self.fields(method=method, path=path, content_type=content_type)
         return frame(HEADERS, flags, stream_id, self.encoder.encode([*fields, *extra]))
+
+    def fields(self, *, method: str = "POST", path: str = INFER,
+               content_type: str = "application/grpc") -> list[tuple[str, str]]:
+        """The fields of a gRPC request, as grpcio sends them, with the token."""
+        return [(":method", method), (":scheme", "http"), (":path", path),
+                (":authority", "127.0.0.1"), ("content-type", content_type),
+                ("te", "trailers"), ("authorization", f"Bearer {self.token}")]
 
     def recv(self) -> bytes:
         try:
@@ -587,9 +592,7 @@ def test_not_a_grpc_request_gets_an_http_status(raw: Raw, expected: bytes, metho
 def _usual(raw: Raw, *, drop: str = "", replace: tuple[str, str] | None = None,
            first: tuple[str, str] | None = None) -> list[tuple[str, str]]:
     """The usual request fields, less ``drop``, one of them replaced, or one put first."""
-    fields = [(":method", "POST"), (":scheme", "http"), (":path", INFER),
-              (":authority", "127.0.0.1"), ("content-type", "application/grpc"),
-              ("te", "trailers"), ("authorization", f"Bearer {raw.token}")]
+    fields = raw.fields()
     if replace is not None:
         fields = [replace if k == replace[0] else (k, v) for k, v in fields]
     return ([first] if first else []) + [(k, v) for k, v in fields if k != drop]
