@@ -13,6 +13,9 @@ then arrival, while their rows fit in ``max_batch_size``. So a batch is what arr
 previous run, and ``max_queue_delay_ms`` is only an upper bound that the collector never needs
 to wait for. A request that alone has more rows than ``max_batch_size`` is not refused: it runs
 in a batch of its own, so turning batching on never breaks a client that worked without it.
+While the model's runs are long and its threads fill the box's cores, the scheduler lowers the
+lane's :class:`Gate` to one execution at a time (:attr:`Gate.limit`): a second run would only
+split the same cores, so what arrives waits for the next batch instead.
 
 The batch runs once, in the inference pool, under a lease of the version its requests were
 validated against (a model swap while it is queued or running is safe), and each caller gets
@@ -98,18 +101,31 @@ class Gate:
     :class:`~edgeagent.errors.DeadlineExceeded` instead of running."""
 
     def __init__(self, slots: int) -> None:
-        self._free = slots
+        self.slots = slots
+        self._limit = slots
+        self._in_use = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
 
     @property
+    def limit(self) -> int:
+        """Executions allowed at once now: :attr:`slots`, or fewer while the scheduler says
+        so (a lowered limit takes effect as executions end; none is stopped)."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self._limit = max(1, min(value, self.slots))
+        self._wake()
+
+    @property
     def free(self) -> bool:
         """Whether an acquire now would not wait."""
-        return self._free > 0 and not any(not f.done() for _, _, f in self._waiters)
+        return self._in_use < self._limit and not any(not f.done() for _, _, f in self._waiters)
 
     def try_acquire(self) -> bool:
         if self.free:
-            self._free -= 1
+            self._in_use += 1
             return True
         return False
 
@@ -140,13 +156,16 @@ class Gate:
                 timer.cancel()
 
     def release(self) -> None:
-        """Give a slot back: to the first waiter still waiting, else to the free count."""
-        while self._waiters:
+        """Give a slot back: to the first waiter still waiting, if the limit allows one."""
+        self._in_use -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._in_use < self._limit:
             _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
+                self._in_use += 1
                 fut.set_result(None)
-                return
-        self._free += 1
 
 
 def _expire(fut: asyncio.Future[Any], arrived_ns: int) -> None:

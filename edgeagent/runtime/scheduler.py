@@ -13,6 +13,7 @@ a free slot.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ from edgeagent.runtime.manager import ModelManager, ModelVersion
 from edgeagent.runtime.stats import ModelStats
 
 log = logging.getLogger(__name__)
+
+
+#: A batching lane whose runs are predicted at least this long, with threads that fill the
+#: box's cores, runs one batch at a time (:meth:`InferenceScheduler._batch_slots`).
+LONG_RUN_NS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,9 @@ class InferenceScheduler:
         most one client connection open" (a request still in a socket is not in the
         scheduler yet). With :attr:`_active` it decides when a request is alone."""
         self._stats: dict[str, ModelStats] = {}
+        self.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        """CPUs this process may run on (what a run's intra-op threads compete for)."""
 
     def configure(self, limits: Mapping[str, ModelLimits]) -> None:
         """Set (or change, on reload) the limits of each model; statistics are kept.
@@ -168,6 +177,8 @@ class InferenceScheduler:
                      ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         mv = self._manager.get(name, version)  # unknown / not ready: fail before queueing
         lane = self._lane(name)
+        if lane.batcher is not None:
+            lane.running.limit = self._batch_slots(lane, mv, inputs)
         deadline = time.perf_counter_ns() + timeout_us * 1000 if timeout_us else 0
         if lane.batcher is not None and not lane.batcher and lane.running.free:
             # Idle: run at once, by itself (the direct path may run a tiny model inline).
@@ -191,6 +202,22 @@ class InferenceScheduler:
         return await self._infer_alone(lane, name, inputs, output_names, version,
                                        priority=priority, deadline_ns=deadline,
                                        expected=mv.version)
+
+    def _batch_slots(self, lane: _Lane, mv: ModelVersion,
+                     inputs: Mapping[str, np.ndarray]) -> int:
+        """Executions a batching lane allows at once: its ``max_concurrency``, but one while
+        the model's runs are long (:data:`LONG_RUN_NS`) and its threads times that
+        concurrency are more than the box's cores: a second run then only splits the same
+        cores, where the requests that would start it join the next batch instead
+        (decisions.md, "Batching that never costs")."""
+        slots = lane.limits.max_concurrency
+        rate = mv.ns_per_byte
+        if slots == 1 or rate is None:
+            return slots
+        if (mv.plan.threads or self.cpus) * slots <= self.cpus:
+            return slots  # concurrent runs have cores of their own
+        nbytes = sum(a.nbytes for a in inputs.values() if isinstance(a, np.ndarray))
+        return 1 if rate * nbytes >= LONG_RUN_NS else slots
 
     def _batchable(self, lane: _Lane, mv: ModelVersion) -> bool:
         why = unbatchable_reason(mv.model)

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 import edgeagent.runtime.manager as manager_module
+import edgeagent.runtime.scheduler as scheduler_module
 from edgeagent.errors import InferenceError, InferenceInputError, Overloaded
+from edgeagent.runtime.batching import Gate
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.onnx_backend import OnnxBackend
 from edgeagent.runtime.registry import BackendRegistry
@@ -434,5 +436,72 @@ def test_a_request_alone_in_the_agent_runs_on_the_loop_if_predicted_short(
         assert await second is not loop_thread
         await slow
         await finish(mgr)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("ns_per_byte", "cpus", "started"), [
+    (1e6, 1, 1),  # 8 ms runs, threads fill the one CPU: one batch at a time
+    (1e4, 1, 2),  # 80 us runs (over INLINE_RUN_NS, under LONG_RUN_NS): both slots
+    (1e6, 4, 2),  # long runs, but 1 thread x 2 slots fit in 4 CPUs: both slots
+])
+def test_long_runs_that_fill_the_cores_run_one_batch_at_a_time(
+        tmp_path: Path, gated_registry: BackendRegistry, ns_per_byte: float, cpus: int,
+        started: int) -> None:
+    """With batching on, a second concurrent run of a model whose runs are long and whose
+    threads fill the cores would only split the same cores: the requests that would start it
+    wait and run together in the next batch instead; short runs, or runs that leave cores
+    free, keep ``max_concurrency``."""
+    async def go() -> None:
+        GatedBackend.gate.set()
+        mgr, sched = await serving(
+            gated_file(tmp_path, "x2", 2.0),
+            ModelLimits(max_batch_size=8, max_queue_delay_ms=0, max_concurrency=2),
+            registry=gated_registry)
+        sched.cpus = cpus
+        sched.quiet = lambda: False  # runs go to a worker, where the closed gate holds them
+        model, mv = GatedBackend.made[-1], mgr.get("m")
+        runs = len(model.threads)
+        GatedBackend.gate.clear()
+        mv.ns_per_byte = ns_per_byte  # 8-byte requests
+        assert (ns_per_byte * 8 >= scheduler_module.LONG_RUN_NS) == (ns_per_byte == 1e6)
+        xs = [np.full(2, k, np.float32) for k in range(1, 6)]
+        tasks = []
+        for x in xs:
+            tasks.append(asyncio.create_task(sched.infer("m", {"x": x})))
+            await asyncio.sleep(0.02)  # each has arrived, and started if a slot let it
+        assert len(model.threads) - runs == started
+        assert sched.queue_depth("m") == len(xs) - started
+        GatedBackend.gate.set()
+        for x, task in zip(xs, tasks, strict=True):
+            _, out = await task
+            np.testing.assert_array_equal(out["y"], x * 2)
+        stats = sched.stats("m")
+        assert stats.inference_count == len(xs)
+        if started == 1:  # the four that waited ran together: 8 rows (2 each)
+            assert dict(stats.batch_sizes)[8] == 1
+        await finish(mgr)
+
+    asyncio.run(go())
+
+
+def test_gate_limit_below_its_slots() -> None:
+    async def go() -> None:
+        gate = Gate(2)
+        gate.limit = 1
+        assert gate.try_acquire() and not gate.try_acquire()
+        waiter = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        gate.limit = 5  # raised (clamped to the 2 slots): the waiter gets the second slot
+        assert gate.limit == 2
+        await asyncio.wait_for(waiter, 1)
+        assert not gate.free
+        gate.limit = 0  # clamped to one: the two running are not stopped
+        assert gate.limit == 1
+        gate.release()
+        assert not gate.free  # one still runs, and the limit is one
+        gate.release()
+        assert gate.free
 
     asyncio.run(go())
