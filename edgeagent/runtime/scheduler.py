@@ -212,8 +212,8 @@ class InferenceScheduler:
         (decisions.md, "Batching that never costs")."""
         slots = lane.limits.max_concurrency
         rate = mv.ns_per_byte
-        if slots == 1 or rate is None:
-            return slots
+        if slots == 1 or rate is None or unbatchable_reason(mv.model):
+            return slots  # (a model served unbatched keeps its slots: nothing would share a run)
         if (mv.plan.threads or self.cpus) * slots <= self.cpus:
             return slots  # concurrent runs have cores of their own
         nbytes = sum(a.nbytes for a in inputs.values() if isinstance(a, np.ndarray))

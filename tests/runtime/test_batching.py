@@ -23,6 +23,7 @@ import pytest
 import edgeagent.runtime.manager as manager_module
 import edgeagent.runtime.scheduler as scheduler_module
 from edgeagent.errors import InferenceError, InferenceInputError, Overloaded
+from edgeagent.runtime.base import TensorSpec
 from edgeagent.runtime.batching import Gate
 from edgeagent.runtime.manager import ModelManager, ModelSource
 from edgeagent.runtime.onnx_backend import OnnxBackend
@@ -440,14 +441,15 @@ def test_a_request_alone_in_the_agent_runs_on_the_loop_if_predicted_short(
     asyncio.run(go())
 
 
-@pytest.mark.parametrize(("ns_per_byte", "cpus", "started"), [
-    (1e6, 1, 1),  # 8 ms runs, threads fill the one CPU: one batch at a time
-    (1e4, 1, 2),  # 80 us runs (over INLINE_RUN_NS, under LONG_RUN_NS): both slots
-    (1e6, 4, 2),  # long runs, but 1 thread x 2 slots fit in 4 CPUs: both slots
+@pytest.mark.parametrize(("ns_per_byte", "cpus", "batchable", "started"), [
+    (1e6, 1, True, 1),  # 8 ms runs, threads fill the one CPU: one batch at a time
+    (1e4, 1, True, 2),  # 80 us runs (over INLINE_RUN_NS, under LONG_RUN_NS): both slots
+    (1e6, 4, True, 2),  # long runs, but 1 thread x 2 slots fit in 4 CPUs: both slots
+    (1e6, 1, False, 2),  # served unbatched (a fixed first dimension): nothing would share a run
 ])
 def test_long_runs_that_fill_the_cores_run_one_batch_at_a_time(
         tmp_path: Path, gated_registry: BackendRegistry, ns_per_byte: float, cpus: int,
-        started: int) -> None:
+        batchable: bool, started: int) -> None:
     """With batching on, a second concurrent run of a model whose runs are long and whose
     threads fill the cores would only split the same cores: the requests that would start it
     wait and run together in the next batch instead; short runs, or runs that leave cores
@@ -461,6 +463,8 @@ def test_long_runs_that_fill_the_cores_run_one_batch_at_a_time(
         sched.cpus = cpus
         sched.quiet = lambda: False  # runs go to a worker, where the closed gate holds them
         model, mv = GatedBackend.made[-1], mgr.get("m")
+        if not batchable:
+            model.inputs = (TensorSpec("x", "FP32", (2,)),)
         runs = len(model.threads)
         GatedBackend.gate.clear()
         mv.ns_per_byte = ns_per_byte  # 8-byte requests
@@ -480,6 +484,8 @@ def test_long_runs_that_fill_the_cores_run_one_batch_at_a_time(
         assert stats.inference_count == len(xs)
         if started == 1:  # the four that waited ran together: 8 rows (2 each)
             assert dict(stats.batch_sizes)[8] == 1
+        if not batchable:
+            assert set(stats.batch_sizes) == {2}  # every request ran alone
         await finish(mgr)
 
     asyncio.run(go())
