@@ -92,6 +92,9 @@ MAX_HEADER_LIST = 16 << 10
 """Bytes of decoded headers a request may carry (gRPC's own default is 8 KiB)."""
 MAX_HEADER_BLOCK = 64 << 10
 """Bytes of encoded header block (HEADERS and its CONTINUATIONs) accepted."""
+MAX_CONTINUATIONS = 32
+"""CONTINUATION frames one header block may take (64 KiB in 16 KiB frames is 4; more, empty
+ones above all, is the "CONTINUATION flood" of 2024: loop time for a block that never ends)."""
 MAX_DETAILS = 4096
 """Characters of an error's text sent in ``grpc-message``."""
 MAX_SETTINGS = 32
@@ -571,6 +574,7 @@ class GrpcConnection(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.last_stream = 0
         self.continuing: tuple[int, int, bytearray] | None = None
+        self._continuations = 0  # CONTINUATION frames of the header block being received
         self._reset_ids: dict[int, None] = {}
         """Streams this side reset lately (the newest :data:`RESETS_KEPT`, in order): DATA the
         client had in flight for them is dropped, where DATA on other closed streams is its
@@ -843,6 +847,7 @@ class GrpcConnection(asyncio.Protocol):
                                    f"a header block over {MAX_HEADER_BLOCK} bytes")
         if not flags & END_HEADERS:
             self.continuing = (stream_id, flags, bytearray(block))
+            self._continuations = 0
             return
         self._headers(stream_id, flags, block)
 
@@ -851,6 +856,10 @@ class GrpcConnection(asyncio.Protocol):
             raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
         _, first_flags, block = self.continuing
         block += payload
+        self._continuations += 1
+        if self._continuations > MAX_CONTINUATIONS:  # empty ones never reach the size bound
+            raise _ConnectionError(ENHANCE_YOUR_CALM, f"a header block in more than "
+                                   f"{MAX_CONTINUATIONS} CONTINUATION frames")
         if len(block) > MAX_HEADER_BLOCK:
             raise _ConnectionError(ENHANCE_YOUR_CALM,
                                    f"a header block over {MAX_HEADER_BLOCK} bytes")

@@ -455,6 +455,8 @@ CONNECTION_ERRORS: list[tuple[str, Callable[[Raw], list[bytes]], int]] = [
      ENHANCE_YOUR_CALM),
     ("header block over 64 KiB", lambda c: [frame(HEADERS, 0, 1, b"\0" * 16384)] + [
         frame(CONTINUATION, 0, 1, b"\0" * 16384)] * 4, ENHANCE_YOUR_CALM),
+    ("33 CONTINUATION frames, empty (the CONTINUATION flood)", lambda c: [
+        frame(HEADERS, 0, 1, _block(c))] + [frame(CONTINUATION, 0, 1)] * 33, ENHANCE_YOUR_CALM),
     ("PING inside a header block", lambda c: [frame(HEADERS, 0, 1, _block(c)),
                                              frame(PING, 0, 0, b"\0" * 8)], PROTOCOL_ERROR),
     ("DATA inside a header block", lambda c: [
@@ -654,6 +656,19 @@ def test_edge_whitespace_of_a_value_is_stripped(raw: Raw, expected: bytes) -> No
     # perf_analyzer sends "-H 'authorization: Bearer ...'" as " Bearer ...".
     fields = _usual(raw, replace=("authorization", f" Bearer {raw.token}\t"))
     raw.send(raw.headers(1, fields=fields, extra=(("te", "trailers "),)),
+             frame(DATA, END_STREAM, 1, message(REQUEST)))
+    assert_infer_ok(raw.answer(1), expected)
+
+
+def test_header_block_in_many_continuations(raw: Raw, expected: bytes) -> None:
+    """A block cut into the most CONTINUATION frames allowed is served."""
+    block = raw.headers(1)[9:]
+    cuts = [round(i * len(block) / (http2.MAX_CONTINUATIONS + 1))
+            for i in range(http2.MAX_CONTINUATIONS + 2)]
+    pieces = [block[a:b] for a, b in itertools.pairwise(cuts)]
+    raw.send(frame(HEADERS, 0, 1, pieces[0]),
+             *(frame(CONTINUATION, END_HEADERS if i == len(pieces) - 1 else 0, 1, p)
+               for i, p in enumerate(pieces) if i),
              frame(DATA, END_STREAM, 1, message(REQUEST)))
     assert_infer_ok(raw.answer(1), expected)
 
