@@ -573,8 +573,9 @@ class GrpcConnection(asyncio.Protocol):
         self._seen: dict[bytes, _Request] = {}
         self.streams: dict[int, _Stream] = {}
         self.last_stream = 0
-        self.continuing: tuple[int, int, bytearray] | None = None
-        self._continuations = 0  # CONTINUATION frames of the header block being received
+        self.continuing: tuple[int, int, bytearray, int] | None = None
+        """The header block being received: its stream, first frame's flags, the bytes so far
+        and how many CONTINUATION frames brought them."""
         self._reset_ids: dict[int, None] = {}
         """Streams this side reset lately (the newest :data:`RESETS_KEPT`, in order): DATA the
         client had in flight for them is dropped, where DATA on other closed streams is its
@@ -846,18 +847,17 @@ class GrpcConnection(asyncio.Protocol):
             raise _ConnectionError(ENHANCE_YOUR_CALM,
                                    f"a header block over {MAX_HEADER_BLOCK} bytes")
         if not flags & END_HEADERS:
-            self.continuing = (stream_id, flags, bytearray(block))
-            self._continuations = 0
+            self.continuing = (stream_id, flags, bytearray(block), 0)
             return
         self._headers(stream_id, flags, block)
 
     def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         if self.continuing is None or self.continuing[0] != stream_id:
             raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-        _, first_flags, block = self.continuing
+        _, first_flags, block, frames = self.continuing
         block += payload
-        self._continuations += 1
-        if self._continuations > MAX_CONTINUATIONS:  # empty ones never reach the size bound
+        self.continuing = (stream_id, first_flags, block, frames + 1)
+        if frames + 1 > MAX_CONTINUATIONS:  # empty ones never reach the size bound
             raise _ConnectionError(ENHANCE_YOUR_CALM, f"a header block in more than "
                                    f"{MAX_CONTINUATIONS} CONTINUATION frames")
         if len(block) > MAX_HEADER_BLOCK:
@@ -899,8 +899,7 @@ class GrpcConnection(asyncio.Protocol):
         if stream is not None:  # trailers from the client: they must end the stream
             if not flags & END_STREAM or not stream.receiving:
                 raise _ConnectionError(PROTOCOL_ERROR, "a second header block mid-stream")
-            if request.malformed or request.pseudo or flags & _SELF_DEPENDENT \
-                    or stream.expected:
+            if request.malformed or request.pseudo or flags & _SELF_DEPENDENT:
                 self._reset_stream(stream, PROTOCOL_ERROR)
                 return
             self._input_ended(stream)
@@ -947,9 +946,6 @@ class GrpcConnection(asyncio.Protocol):
             except ValueError as exc:
                 self._refuse(stream_id, flags, StatusCode.INTERNAL, str(exc))
                 return
-        if flags & END_STREAM and request.content_length:
-            self._reset(stream_id, PROTOCOL_ERROR)  # a content-length that no DATA will fill
-            return
         stream = _Stream(self, stream_id, entry, request)
         # A request in one HEADERS frame has ended its side already: no RST after the answer.
         stream.receiving = not flags & END_STREAM
@@ -995,7 +991,7 @@ class GrpcConnection(asyncio.Protocol):
         data = _unpadded(view) if flags & PADDED else view
         if stream.expected is not None:  # RFC 9113 8.1.1: the DATA must add up to it
             stream.expected -= len(data)
-            if stream.expected < 0 or (flags & END_STREAM and stream.expected):
+            if stream.expected < 0:
                 self._reset_stream(stream, PROTOCOL_ERROR)
                 return
         try:
@@ -1019,6 +1015,10 @@ class GrpcConnection(asyncio.Protocol):
         # A stream this side reset: what the client had in flight is dropped.
 
     def _input_ended(self, stream: _Stream) -> None:
+        """The client ended its side (END_STREAM on HEADERS, DATA or trailers)."""
+        if stream.expected:  # less DATA than its content-length (RFC 9113 8.1.1)
+            self._reset_stream(stream, PROTOCOL_ERROR)
+            return
         try:
             stream.end_of_input()
         except RpcError as exc:
