@@ -10,7 +10,6 @@ poll, unload models.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -255,7 +254,7 @@ class Agent:
         config.load()
         server.lifespan = config.lifespan_class(config)
         try:
-            with unix_socket(path) if path is not None else contextlib.nullcontext():
+            with unix_socket(path):
                 await server.startup()
         except SystemExit as exc:  # uvicorn exits when it cannot bind (port in use)
             raise EdgeAgentError(f"cannot listen on {listen} (in use, or not permitted)") from exc

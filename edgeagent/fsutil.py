@@ -61,15 +61,18 @@ def locked(lock_file: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def unix_socket(path: Path) -> Iterator[None]:
+def unix_socket(path: Path | None) -> Iterator[None]:
     """Around binding a Unix socket at ``path`` (the HTTP, metrics and gRPC listeners): its
     folder made, a socket a killed run left there removed, the socket created for its owner
     and group only (umask 0o117 meanwhile, so there is no moment with wider permissions) and
-    set to 0o660 once bound.
+    set to 0o660 once bound. With ``path`` None (a TCP listener) it does nothing.
 
     Raises:
         OSError: the folder cannot be made, or what is at ``path`` cannot be removed.
     """
+    if path is None:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         path.unlink()

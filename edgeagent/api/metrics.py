@@ -21,7 +21,6 @@ format from ``Accept``, and the body is gzipped when ``Accept-Encoding`` allows 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import logging
 import platform
@@ -421,7 +420,7 @@ class MetricsListener:
         server.lifespan = config.lifespan_class(config)
         try:
             # The owner and the agent's group only, as the API socket.
-            with unix_socket(path) if path is not None else contextlib.nullcontext():
+            with unix_socket(path):
                 await server.startup()
         except (SystemExit, OSError) as exc:
             raise EdgeAgentError(
