@@ -121,10 +121,15 @@ class ModelVersion:
         it. (Requests merely queued or holding a lease do not count: only the loop runs
         inline, one at a time.)
         """
-        rate = self.ns_per_byte
-        if rate is None or self._in_worker:
+        predicted = self.predicted_ns(nbytes)
+        if predicted is None or self._in_worker:
             return False
-        return rate * nbytes < (IDLE_INLINE_RUN_NS if alone else INLINE_RUN_NS)
+        return predicted < (IDLE_INLINE_RUN_NS if alone else INLINE_RUN_NS)
+
+    def predicted_ns(self, nbytes: int) -> float | None:
+        """A run on ``nbytes`` of input, as the recent runs predict it (None: never timed)."""
+        rate = self.ns_per_byte
+        return None if rate is None else rate * nbytes
 
     async def run_off_loop(self, run_in_worker: Callable[..., Awaitable[Any]],
                            fn: Callable[..., Any], *args: Any) -> Any:
@@ -389,8 +394,8 @@ class ModelManager:
             nbytes = sum(a.nbytes for a in arrays.values())
             alone = alone and not self._running
             if mv.runs_inline(nbytes, alone=alone):
-                if alone and not mv.runs_inline(nbytes):
-                    mv.ran_since_release = True  # a run that may grow the runtime's memory
+                if (mv.predicted_ns(nbytes) or 0) >= INLINE_RUN_NS:
+                    mv.ran_since_release = True  # not tiny: it may grow the runtime's memory
                 return mv, mv.timed_run(arrays, output_names, nbytes)
             outputs = await mv.run_off_loop(self.run_in_worker, mv.timed_run, arrays,
                                             output_names, nbytes)

@@ -177,15 +177,17 @@ class InferenceScheduler:
                      ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         mv = self._manager.get(name, version)  # unknown / not ready: fail before queueing
         lane = self._lane(name)
+        batchable = lane.batcher is not None and self._batchable(lane, mv)
         if lane.batcher is not None:
-            lane.running.limit = self._batch_slots(lane, mv, inputs)
+            lane.running.limit = self._batch_slots(lane, mv, inputs) if batchable \
+                else lane.limits.max_concurrency
         deadline = time.perf_counter_ns() + timeout_us * 1000 if timeout_us else 0
         if lane.batcher is not None and not lane.batcher and lane.running.free:
             # Idle: run at once, by itself (the direct path may run a tiny model inline).
             return await self._infer_alone(lane, name, inputs, output_names, version,
                                            priority=priority, deadline_ns=deadline,
                                            expected=mv.version)
-        if lane.batcher is not None and self._batchable(lane, mv):
+        if lane.batcher is not None and batchable:
             mv.acquire()  # validated against this version, so run on it even if swapped meanwhile
             try:
                 arrays = mv.model.validate(inputs)
@@ -205,19 +207,17 @@ class InferenceScheduler:
 
     def _batch_slots(self, lane: _Lane, mv: ModelVersion,
                      inputs: Mapping[str, np.ndarray]) -> int:
-        """Executions a batching lane allows at once: its ``max_concurrency``, but one while
-        the model's runs are long (:data:`LONG_RUN_NS`) and its threads times that
-        concurrency are more than the box's cores: a second run then only splits the same
+        """Executions a lane that batches its model allows at once: its ``max_concurrency``,
+        but one while the model's runs are long (:data:`LONG_RUN_NS`) and its threads times
+        that concurrency are more than the box's cores: a second run then only splits the same
         cores, where the requests that would start it join the next batch instead
         (decisions.md, "Batching that never costs")."""
         slots = lane.limits.max_concurrency
-        rate = mv.ns_per_byte
-        if slots == 1 or rate is None or unbatchable_reason(mv.model):
-            return slots  # (a model served unbatched keeps its slots: nothing would share a run)
-        if (mv.plan.threads or self.cpus) * slots <= self.cpus:
+        if slots == 1 or (mv.plan.threads or self.cpus) * slots <= self.cpus:
             return slots  # concurrent runs have cores of their own
         nbytes = sum(a.nbytes for a in inputs.values() if isinstance(a, np.ndarray))
-        return 1 if rate * nbytes >= LONG_RUN_NS else slots
+        predicted = mv.predicted_ns(nbytes)
+        return 1 if predicted is not None and predicted >= LONG_RUN_NS else slots
 
     def _batchable(self, lane: _Lane, mv: ModelVersion) -> bool:
         why = unbatchable_reason(mv.model)
