@@ -11,8 +11,8 @@ so the box's drift falls on every series alike) it measures, per request:
 - ``in-process``: ``session.run`` in this process with the main benchmark's session options
   (onnxruntime's defaults, so its intra-op threads spin between parallel sections): the
   baseline of every c1 ratio;
-- ``in-process, agent's options``: the same, in a session made as the agent makes it (spinning
-  off, so that a run in a worker never takes the cores the event loop needs);
+- ``in-process, agent's options``: the same model loaded by the agent's own onnxruntime
+  backend (spinning off, so that a run in a worker never takes the cores the event loop needs);
 - for each transport (``shm-http``, ``shm-grpc``, ``grpc``, ``binary``): the client's wall time
   per request, and the agent's ``compute_infer`` per request (its statistics: the request's
   time holding the model, which is validation and the run).
@@ -30,42 +30,36 @@ import contextlib
 import functools
 import http.client
 import json
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import onnxruntime as ort
 
 from benchmarks.models import cnn
 from benchmarks.run import (
     MODELS,
     THREADS,
-    ThinConnection,
     _input,
     _session,
     agent,
-    grpc_request,
-    request_body,
     shared_memory,
+    thin_grpc,
+    thin_http,
 )
 from benchmarks.thin import ThinClient
-from benchmarks.thin_grpc import ThinGrpcConnection
+from edgeagent.device.plan import PlannedProvider, ProviderPlan
+from edgeagent.runtime.base import LoadedModel
+from edgeagent.runtime.onnx_backend import OnnxBackend
 
 TRANSPORTS = ("shm-http", "shm-grpc", "grpc", "binary")
 
 
-def agent_options_session(path: Path) -> Any:
-    """A session made with the options the agent's onnxruntime backend uses on the CPU."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def agent_options_model(path: Path) -> LoadedModel:
+    """The model as the agent's onnxruntime backend loads it on the CPU, in this process."""
+    plan = ProviderPlan("onnx", "fp32", (PlannedProvider("CPUExecutionProvider"),),
+                        threads=THREADS)
+    return OnnxBackend().load(path, plan)
 
 
 def compute_infer(port: int) -> tuple[int, int]:
@@ -82,19 +76,11 @@ def compute_infer(port: int) -> tuple[int, int]:
 
 def client(transport: str, port: int, grpc_port: int) -> ThinClient:
     if transport in ("grpc", "shm-grpc"):
-        wire = grpc_request("cnn", shared=transport == "shm-grpc").SerializeToString()
-        return ThinGrpcConnection(lambda: socket.create_connection(("127.0.0.1", grpc_port), 10),
-                                  "/inference.GRPCInferenceService/ModelInfer", wire)
-    body, headers = request_body("cnn", transport)
-    return ThinConnection(lambda: socket.create_connection(("127.0.0.1", port), 10),
-                          "/v2/models/cnn/infer", body, headers)
+        return thin_grpc(grpc_port, "cnn", transport)[0]
+    return thin_http(port, "cnn", transport)[0]
 
 
-def run_once(session: Any, out: str, feeds: dict[str, Any]) -> None:
-    session.run([out], feeds)
-
-
-def segment(call: Callable[[], None], seconds: float) -> tuple[int, float]:
+def segment(call: Callable[[], object], seconds: float) -> tuple[int, float]:
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         call()
@@ -113,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeagent-floor-") as tmp:
         work = Path(tmp)
         path = cnn(work / "cnn.onnx")
-        sessions = {"in-process": _session(path),
-                    "in-process, agent's options": agent_options_session(path)}
-        calls: dict[str, Callable[[], None]] = {
-            key: functools.partial(run_once, s, out, {name: x}) for key, s in sessions.items()}
+        model = agent_options_model(path)
+        calls: dict[str, Callable[[], object]] = {
+            "in-process": functools.partial(_session(path).run, [out], {name: x}),
+            "in-process, agent's options": functools.partial(
+                model.run, model.validate({name: x}), [out])}
         wall: dict[str, list[float]] = {key: [0, 0.0] for key in (*calls, *TRANSPORTS)}
         compute: dict[str, list[int]] = {t: [0, 0] for t in TRANSPORTS}
         with agent(work, {"cnn": path}, max_batch_size=0) as running, \

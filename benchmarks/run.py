@@ -418,10 +418,7 @@ def drive_grpc(agent_pid: int, port: int, model: str, protocol: str, *, concurre
     """Closed-loop load from one thread, one :class:`~benchmarks.thin_grpc.ThinGrpcConnection`
     per concurrent caller (the gRPC twin of :class:`ThinConnection`), the request message
     serialised once; the last answer is decoded and checked against the in-process output."""
-    wire = grpc_request(model, shared=protocol == "shm-grpc").SerializeToString()
-    connections = [ThinGrpcConnection(
-        lambda: socket.create_connection(("127.0.0.1", port), 10),
-        "/inference.GRPCInferenceService/ModelInfer", wire) for _ in range(concurrency)]
+    connections = thin_grpc(port, model, protocol, concurrency)
     try:
         case = _measure(agent_pid, model, protocol, concurrency=concurrency, budget=budget,
                         target=target, load=lambda: _select_loop(connections, budget))
@@ -480,6 +477,25 @@ class ThinConnection(ThinClient):
         return len(self._buf) >= self._length
 
 
+def thin_http(port: int, model: str, protocol: str, count: int = 1) -> list[ThinConnection]:
+    """``count`` :class:`ThinConnection` to an agent's HTTP ``port``, each sending the model's
+    request of ``protocol`` (encoded once for all)."""
+    body, headers = request_body(model, protocol)
+    connect = functools.partial(socket.create_connection, ("127.0.0.1", port), 10)
+    return [ThinConnection(connect, f"/v2/models/{model}/infer", body, headers)
+            for _ in range(count)]
+
+
+def thin_grpc(port: int, model: str, protocol: str, count: int = 1) -> list[ThinGrpcConnection]:
+    """``count`` :class:`~benchmarks.thin_grpc.ThinGrpcConnection` to an agent's gRPC ``port``,
+    each calling ``ModelInfer`` with the model's request (``shm-grpc``: in shared memory),
+    serialised once for all."""
+    wire = grpc_request(model, shared=protocol == "shm-grpc").SerializeToString()
+    connect = functools.partial(socket.create_connection, ("127.0.0.1", port), 10)
+    return [ThinGrpcConnection(connect, "/inference.GRPCInferenceService/ModelInfer", wire)
+            for _ in range(count)]
+
+
 def _select_loop(connections: list[ThinConnection] | list[ThinGrpcConnection], budget: Budget,
                  ) -> tuple[list[float], float, float]:
     """Closed-loop load from one thread: each connection sends again as soon as its answer is
@@ -519,10 +535,7 @@ def drive_http(agent_pid: int, port: int, model: str, protocol: str, *, concurre
                budget: Budget, target: str, pair_with: Callable[[], None] | None = None,
                ) -> Case:
     """Closed-loop load from one thread, one :class:`ThinConnection` per concurrent caller."""
-    body, headers = request_body(model, protocol)
-    path = f"/v2/models/{model}/infer"
-    connections = [ThinConnection(lambda: socket.create_connection(("127.0.0.1", port), 10),
-                                  path, body, headers) for _ in range(concurrency)]
+    connections = thin_http(port, model, protocol, concurrency)
     try:
         case = _measure(agent_pid, model, protocol, concurrency=concurrency, target=target,
                         load=lambda: _select_loop(connections, budget), budget=budget)
@@ -636,12 +649,7 @@ def _interleaved_agents(port_a: int, port_b: int, model: str, concurrency: int, 
     """Agent A's closed-loop rate over agent B's (binary tensors, ``concurrency`` thin
     connections each), in alternating segments (ABBA order): the
     :attr:`Case.paired_batching` ratio."""
-    body, headers = request_body(model, "binary")
-    path = f"/v2/models/{model}/infer"
-    conns = {port: [ThinConnection(functools.partial(socket.create_connection,
-                                                     ("127.0.0.1", port), 10),
-                                   path, body, headers) for _ in range(concurrency)]
-             for port in (port_a, port_b)}
+    conns = {port: thin_http(port, model, "binary", concurrency) for port in (port_a, port_b)}
     segment = Budget(warmup_s=0.1, seconds=seconds)
     counts = {port: [0, 0.0] for port in conns}
     try:
