@@ -241,15 +241,18 @@ def gated_registry() -> BackendRegistry:
     return BackendRegistry({"onnx": ("tests.runtime.test_manager", "GatedBackend")})
 
 
+async def serving_gated(tmp_path: Path, registry: BackendRegistry, limits: ModelLimits,
+                        ) -> tuple[ModelManager, InferenceScheduler]:
+    """:func:`serving` of a gated ``x * 2`` model, loaded (and warmed up) with its gate open."""
+    GatedBackend.gate.set()
+    return await serving(gated_file(tmp_path, "x2", 2.0), limits, registry=registry)
+
+
 def test_full_queue_refuses_and_cancelled_requests_leave_it(
         tmp_path: Path, gated_registry: BackendRegistry) -> None:
     async def go() -> None:
-        GatedBackend.gate.set()  # warm-up
-        mgr, sched = await serving(
-            gated_file(tmp_path, "x2", 2.0),
-            ModelLimits(max_batch_size=8, max_queue_delay_ms=0, max_queue_size=2,
-                        max_concurrency=1),
-            registry=gated_registry)
+        mgr, sched = await serving_gated(tmp_path, gated_registry, ModelLimits(
+            max_batch_size=8, max_queue_delay_ms=0, max_queue_size=2, max_concurrency=1))
         GatedBackend.gate.clear()
         x = np.array([1.0, 2.0], np.float32)
         running = asyncio.create_task(sched.infer("m", {"x": x}))
@@ -278,11 +281,8 @@ def test_full_queue_refuses_and_cancelled_requests_leave_it(
 def test_queued_requests_share_a_run_while_the_model_is_busy(
         tmp_path: Path, gated_registry: BackendRegistry) -> None:
     async def go() -> None:
-        GatedBackend.gate.set()
-        mgr, sched = await serving(
-            gated_file(tmp_path, "x2", 2.0),
-            ModelLimits(max_batch_size=16, max_queue_delay_ms=0, max_concurrency=1),
-            registry=gated_registry)
+        mgr, sched = await serving_gated(tmp_path, gated_registry, ModelLimits(
+            max_batch_size=16, max_queue_delay_ms=0, max_concurrency=1))
         GatedBackend.gate.clear()
         running = asyncio.create_task(sched.infer("m", {"x": np.ones(1, np.float32)}))
         while mgr.oldest_running_s() == 0.0:
@@ -351,11 +351,8 @@ def test_a_tiny_model_s_batches_run_on_the_loop_unless_a_run_is_in_a_worker(
     on the event loop (the hop to a worker costs more than the run), any batch in a worker
     while another run of the version is in one."""
     async def go() -> None:
-        GatedBackend.gate.set()
-        mgr, sched = await serving(
-            gated_file(tmp_path, "x2", 2.0),
-            ModelLimits(max_batch_size=8, max_queue_delay_ms=0, max_concurrency=2),
-            registry=gated_registry)
+        mgr, sched = await serving_gated(tmp_path, gated_registry, ModelLimits(
+            max_batch_size=8, max_queue_delay_ms=0, max_concurrency=2))
         model, mv = GatedBackend.made[-1], mgr.get("m")
         loop_thread = threading.current_thread()
         mv.ns_per_byte = 1.0  # predicted a few ns: inline
@@ -399,9 +396,8 @@ def test_a_request_alone_in_the_agent_runs_on_the_loop_if_predicted_short(
     back; with another request in flight or another client, or predicted longer, it goes to a
     worker."""
     async def go() -> None:
-        GatedBackend.gate.set()
-        mgr, sched = await serving(gated_file(tmp_path, "x2", 2.0),
-                                   ModelLimits(max_concurrency=2), registry=gated_registry)
+        mgr, sched = await serving_gated(tmp_path, gated_registry, ModelLimits(
+            max_concurrency=2))
         model, mv = GatedBackend.made[-1], mgr.get("m")
         loop_thread = threading.current_thread()
         x = np.ones(2, np.float32)  # 8 bytes
@@ -455,11 +451,8 @@ def test_long_runs_that_fill_the_cores_run_one_batch_at_a_time(
     wait and run together in the next batch instead; short runs, or runs that leave cores
     free, keep ``max_concurrency``."""
     async def go() -> None:
-        GatedBackend.gate.set()
-        mgr, sched = await serving(
-            gated_file(tmp_path, "x2", 2.0),
-            ModelLimits(max_batch_size=8, max_queue_delay_ms=0, max_concurrency=2),
-            registry=gated_registry)
+        mgr, sched = await serving_gated(tmp_path, gated_registry, ModelLimits(
+            max_batch_size=8, max_queue_delay_ms=0, max_concurrency=2))
         sched.cpus = cpus
         sched.quiet = lambda: False  # runs go to a worker, where the closed gate holds them
         model, mv = GatedBackend.made[-1], mgr.get("m")
