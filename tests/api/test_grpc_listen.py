@@ -117,10 +117,9 @@ def test_draining_agent_answers_not_ready(tmp_path: Path) -> None:
 def test_grpc_connections_over_the_cap_are_closed(tmp_path: Path) -> None:
     """``http.max_connections`` bounds the gRPC listener's connections too: one over it is
     closed at once, and a connection is taken again once one has closed."""
-    running = AgentThread(make_config(tmp_path, token=False, max_connections=2)).start()
-    host, _, port = running.grpc_url.rpartition(":")
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))
-    try:
+    with AgentThread(make_config(tmp_path, token=False, max_connections=2)).start() as running:
+        host, _, port = running.grpc_url.rpartition(":")
         held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
         for conn in held:
             conn.sendall(preface)
@@ -139,42 +138,40 @@ def test_grpc_connections_over_the_cap_are_closed(tmp_path: Path) -> None:
             assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10,
                                    wait_for_ready=True).live
         held[0].close()
-    finally:
-        running.stop()
 
 
 def test_stopping_ends_an_open_stream_within_the_grace(tmp_path: Path) -> None:
     """A ModelStreamInfer call left open by its client does not hold the agent's stop past
     ``agent.shutdown_grace_s``: the client is told (GOAWAY), then the call is cut, and the
     client sees its stream end with an error instead of hanging."""
-    running = AgentThread(make_config(tmp_path, token=False)).start()
-    requests: queue.Queue[Any] = queue.Queue()
-    x = np.ones((1, 64), np.float32)
-    request = service_pb2.ModelInferRequest(
-        model_name="mlp", raw_input_contents=[x.tobytes()],
-        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
-                                                               shape=[1, 64])])
-    outcome: list[Any] = []
-    with grpc.insecure_channel(running.grpc_url) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        answers = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
-        requests.put(request)
-        first = next(answers)
-        assert first.error_message == ""
+    with AgentThread(make_config(tmp_path, token=False)).start() as running:
+        requests: queue.Queue[Any] = queue.Queue()
+        x = np.ones((1, 64), np.float32)
+        request = service_pb2.ModelInferRequest(
+            model_name="mlp", raw_input_contents=[x.tobytes()],
+            inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
+                                                                   shape=[1, 64])])
+        outcome: list[Any] = []
+        with grpc.insecure_channel(running.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answers = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+            requests.put(request)
+            first = next(answers)
+            assert first.error_message == ""
 
-        def drain() -> None:
-            try:
-                outcome.extend(answers)
-                outcome.append("ended")
-            except grpc.RpcError as exc:
-                outcome.append(exc.code())  # type: ignore[attr-defined]
+            def drain() -> None:
+                try:
+                    outcome.extend(answers)
+                    outcome.append("ended")
+                except grpc.RpcError as exc:
+                    outcome.append(exc.code())  # type: ignore[attr-defined]
 
-        reader = threading.Thread(target=drain)
-        reader.start()
-        running.stop()  # asserts the agent's threads are gone
-        reader.join(30)
-        requests.put(None)
-        assert not reader.is_alive(), "the client's stream hung after the agent stopped"
+            reader = threading.Thread(target=drain)
+            reader.start()
+            running.stop()  # asserts the agent's threads are gone
+            reader.join(30)
+            requests.put(None)
+            assert not reader.is_alive(), "the client's stream hung after the agent stopped"
     # The connection is cut after the grace: grpcio reports UNAVAILABLE (what it said here;
     # CANCELLED would say the same).
     assert outcome in ([grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.CANCELLED]), outcome
